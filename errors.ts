@@ -1,0 +1,173 @@
+/**
+ * Typed errors of the driver runtime. Each has a stable `name` so callers can
+ * tell them apart across realms and bundles, and keeps the underlying error as
+ * `cause`.
+ *
+ * @module
+ */
+
+/**
+ * Base class of every error this package throws.
+ *
+ * @example
+ * ```ts
+ * import { ConveyorError, serve } from "@conveyor/driver";
+ * try {
+ *   await serve(driver);
+ * } catch (err) {
+ *   if (err instanceof ConveyorError) console.error(err.name, err.message);
+ * }
+ * ```
+ */
+export class ConveyorError extends Error {
+  /** Creates the error; `options.cause` keeps what led to it. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ConveyorError";
+  }
+}
+
+/** The driver definition or the options given to `serve` are not usable. */
+export class ConfigError extends ConveyorError {
+  /** The driver field or option at fault, e.g. `"name"` or `"concurrency"`. */
+  readonly field: string;
+  /** Creates the error for `field`. */
+  constructor(field: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ConfigError";
+    this.field = field;
+  }
+}
+
+/** The NATS server could not be reached (after the connect policy ran out). */
+export class ConnectError extends ConveyorError {
+  /** The servers that were tried. */
+  readonly servers: string[];
+  /** Creates the error for the given servers. */
+  constructor(servers: string[], options?: ErrorOptions) {
+    const why = options?.cause instanceof Error ? `: ${options.cause.message}` : "";
+    super(`cannot connect to NATS at ${servers.join(", ")}${why}`, options);
+    this.name = "ConnectError";
+    this.servers = servers;
+  }
+}
+
+/**
+ * A JetStream stream the runtime needs does not exist. The Conveyor server
+ * creates the streams at start-up, so this usually means it is not running
+ * against this NATS server.
+ */
+export class StreamNotFoundError extends ConveyorError {
+  /** The missing stream. */
+  readonly stream: string;
+  /** Creates the error for `stream`. */
+  constructor(stream: string, options?: ErrorOptions) {
+    super(
+      `JetStream stream "${stream}" not found: is the Conveyor server running ` +
+        "against this NATS server?",
+      options,
+    );
+    this.name = "StreamNotFoundError";
+    this.stream = stream;
+  }
+}
+
+/** The driver's consumer exists with settings that cannot be updated in place. */
+export class ConsumerError extends ConveyorError {
+  /** The consumer (the driver's name). */
+  readonly consumer: string;
+  /** Creates the error for `consumer`. */
+  constructor(consumer: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ConsumerError";
+    this.consumer = consumer;
+  }
+}
+
+/** One problem found while decoding a message. */
+export interface MessageIssue {
+  /** Dotted path to the offending field, e.g. `"payload.name"`; empty for the root. */
+  path: string;
+  /** What is wrong. */
+  message: string;
+}
+
+/**
+ * An incoming message is not a valid DriverMessage. The runtime terminates
+ * such a message (it would fail the same way on every redelivery).
+ */
+export class InvalidMessageError extends ConveyorError {
+  /** The NATS subject the message arrived on. */
+  readonly subject: string;
+  /** Each problem found, with its path. */
+  readonly issues: MessageIssue[];
+  /** Creates the error from the problems found. */
+  constructor(subject: string, issues: MessageIssue[], options?: ErrorOptions) {
+    const list = issues.map((
+      i,
+    ) => (i.path ? `${i.path}: ${i.message}` : i.message));
+    super(`invalid DriverMessage on ${subject}: ${list.join("; ")}`, options);
+    this.name = "InvalidMessageError";
+    this.subject = subject;
+    this.issues = issues;
+  }
+}
+
+/**
+ * Thrown by a reconcile to fail the event at once, without retries: for
+ * failures that another attempt cannot fix (a bad spec, a missing secret).
+ *
+ * @example
+ * ```ts
+ * import { PermanentError } from "@conveyor/driver";
+ * async function reconcile({ resource }) {
+ *   if (!resource.spec) throw new PermanentError("spec is required");
+ * }
+ * ```
+ */
+export class PermanentError extends ConveyorError {
+  /** Creates the error. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "PermanentError";
+  }
+}
+
+/** A reconcile ran longer than `reconcileTimeout`; the `ctx.signal` reason. */
+export class ReconcileTimeoutError extends ConveyorError {
+  /** The limit that was exceeded, in milliseconds. */
+  readonly timeout: number;
+  /** Creates the error for a limit of `timeout` ms. */
+  constructor(timeout: number) {
+    super(`reconcile did not finish within ${timeout} ms`);
+    this.name = "ReconcileTimeoutError";
+    this.timeout = timeout;
+  }
+}
+
+/**
+ * The runtime is shutting down and stopped waiting for a reconcile; the
+ * `ctx.signal` reason. The event goes back to the stream for another instance.
+ */
+export class ShutdownError extends ConveyorError {
+  /** Creates the error. */
+  constructor(
+    message = "driver is shutting down; the event will be redelivered",
+  ) {
+    super(message);
+    this.name = "ShutdownError";
+  }
+}
+
+/** Publishing a log line or a result to NATS failed after retries. */
+export class PublishError extends ConveyorError {
+  /** The subject that could not be published to. */
+  readonly subject: string;
+  /** Creates the error for `subject`. */
+  constructor(subject: string, options?: ErrorOptions) {
+    const why = options?.cause instanceof Error ? `: ${options.cause.message}` : "";
+    super(`cannot publish to ${subject}${why}`, options);
+    this.name = "PublishError";
+    this.subject = subject;
+  }
+}

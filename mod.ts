@@ -1,0 +1,68 @@
+/**
+ * Driver runtime for [Conveyor CI](https://conveyor.open.ug): consume resource
+ * events from NATS JetStream, run your `reconcile()` for each, ship its logs
+ * and report its result, across as many instances as you run.
+ *
+ * @example
+ * ```ts
+ * import { serve } from "@conveyor/driver";
+ *
+ * await serve({
+ *   name: "echo",
+ *   resources: ["pipeline"],
+ *   async reconcile({ resource, logger }) {
+ *     logger.info(`hello ${resource.name}`);
+ *     return { success: true, message: "ok", data: { name: resource.name } };
+ *   },
+ * });
+ * ```
+ *
+ * @module
+ */
+
+// manager.ts
+export {
+  type DriverStats,
+  filterSubjects,
+  MESSAGES_STREAM,
+  RESULT_SUBJECT,
+  resultMsgId,
+  type RunningDriver,
+  serve,
+  startDriver,
+} from "./manager.ts";
+// options.ts
+export { ENV, parseDuration, type ServeOptions } from "./options.ts";
+// logger.ts
+export { type DriverLogger, type Labels, type Level } from "./logger.ts";
+// types.ts
+export {
+  type Driver,
+  type DriverMessage,
+  DriverMessageSchema,
+  type DriverResult,
+  type DriverResultEvent,
+  DriverResultSchema,
+  type JsonValue,
+  type LogEntry,
+  LogEntrySchema,
+  type ReconcileContext,
+  type Resource,
+  ResourceSchema,
+  type ResultEnvelope,
+  ResultEnvelopeSchema,
+} from "./types.ts";
+// errors.ts
+export {
+  ConfigError,
+  ConnectError,
+  ConsumerError,
+  ConveyorError,
+  InvalidMessageError,
+  type MessageIssue,
+  PermanentError,
+  PublishError,
+  ReconcileTimeoutError,
+  ShutdownError,
+  StreamNotFoundError,
+} from "./errors.ts";

@@ -1,0 +1,314 @@
+/**
+ * Options of `serve` and `startDriver`, their defaults and the environment
+ * variables a deployment sets them with.
+ *
+ * @module
+ */
+import process from "node:process";
+import type { NodeConnectionOptions } from "@nats-io/transport-node";
+import { ConfigError } from "./errors.ts";
+
+/**
+ * How the runtime connects, consumes, retries and shuts down. Every field is
+ * optional; an explicit option wins over its environment variable, which wins
+ * over the default.
+ *
+ * @example
+ * ```ts
+ * import { serve } from "@conveyor/driver";
+ * await serve(driver, {
+ *   servers: "nats://nats.ci.internal:4222",
+ *   concurrency: 4,
+ *   maxAttempts: 3,
+ *   reconcileTimeout: 10 * 60_000,
+ * });
+ * ```
+ */
+export interface ServeOptions {
+  /**
+   * NATS server URL(s). Env `NATS_URL` (comma-separated).
+   * @default "nats://127.0.0.1:4222"
+   */
+  servers?: string | string[];
+  /**
+   * Reconciles running at once in this instance; the runtime pulls no more
+   * messages than it has free slots. Env `CONVEYOR_CONCURRENCY`.
+   * @default 16
+   */
+  concurrency?: number;
+  /**
+   * Aborting this signal starts a graceful shutdown. When absent, SIGINT and
+   * SIGTERM do (see {@link ServeOptions.handleSignals}).
+   */
+  signal?: AbortSignal;
+  /**
+   * Whether SIGINT and SIGTERM start a graceful shutdown when no `signal` is
+   * given. A second signal during shutdown stops waiting for in-flight work.
+   * @default true
+   */
+  handleSignals?: boolean;
+  /**
+   * How long a graceful shutdown waits for in-flight reconciles, in ms; then
+   * their `ctx.signal` is aborted and their events go back to the stream.
+   * Env `CONVEYOR_SHUTDOWN_TIMEOUT` (ms, or with a unit: `30s`, `2m`).
+   * @default 30_000
+   */
+  shutdownTimeout?: number;
+  /**
+   * Limit for one reconcile, in ms; 0 means none. When exceeded, `ctx.signal`
+   * aborts with a `ReconcileTimeoutError` and the attempt counts as failed.
+   * Env `CONVEYOR_RECONCILE_TIMEOUT`.
+   * @default 0
+   */
+  reconcileTimeout?: number;
+  /**
+   * Deliveries of one event before it is reported as failed and terminated.
+   * Env `CONVEYOR_MAX_ATTEMPTS`.
+   * @default 5
+   */
+  maxAttempts?: number;
+  /**
+   * Delay before the first retry of a failed reconcile, in ms; doubles with
+   * each attempt up to `retryMaxDelay`, with ±20% jitter.
+   * Env `CONVEYOR_RETRY_DELAY`.
+   * @default 1_000
+   */
+  retryDelay?: number;
+  /**
+   * Upper bound of the retry delay, in ms. Env `CONVEYOR_RETRY_MAX_DELAY`.
+   * @default 60_000
+   */
+  retryMaxDelay?: number;
+  /**
+   * The consumer's `ack_wait`, in ms: a delivery not acknowledged within it
+   * goes to another instance. The runtime signals progress every third of it
+   * while a reconcile runs, so long jobs are not redelivered.
+   * Env `CONVEYOR_ACK_WAIT`.
+   * @default 30_000
+   */
+  ackWait?: number;
+  /**
+   * The consumer's `max_ack_pending`: deliveries in flight across all
+   * instances of the driver. Env `CONVEYOR_MAX_ACK_PENDING`.
+   * @default 1_000
+   */
+  maxAckPending?: number;
+  /**
+   * How long to keep trying to reach NATS at start-up, in ms, before `serve`
+   * rejects with a `ConnectError`. Once connected, the runtime reconnects
+   * for ever. Env `CONVEYOR_CONNECT_TIMEOUT`.
+   * @default 10_000
+   */
+  connectTimeout?: number;
+  /**
+   * Whether the runtime sets up a console sink for its LogTape categories
+   * (`["conveyor", ...]`) when the application has not configured LogTape.
+   * Env `CONVEYOR_LOG_LEVEL` picks the level of that sink.
+   * @default true
+   */
+  configureLogging?: boolean;
+  /**
+   * Extra NATS connection options (credentials, TLS, name…), passed to
+   * `connect()`. Env `NATS_USER`/`NATS_PASSWORD` and `NATS_TOKEN` fill
+   * `user`/`pass` and `token` when not set here.
+   */
+  nats?: Partial<NodeConnectionOptions>;
+}
+
+/** Options with every default applied. */
+export interface ResolvedOptions {
+  servers: string[];
+  concurrency: number;
+  signal?: AbortSignal;
+  handleSignals: boolean;
+  shutdownTimeout: number;
+  reconcileTimeout: number;
+  maxAttempts: number;
+  retryDelay: number;
+  retryMaxDelay: number;
+  ackWait: number;
+  maxAckPending: number;
+  connectTimeout: number;
+  configureLogging: boolean;
+  logLevel: LogLevel;
+  nats: Partial<NodeConnectionOptions>;
+}
+
+/** Log levels understood by `CONVEYOR_LOG_LEVEL`. */
+export type LogLevel =
+  | "trace"
+  | "debug"
+  | "info"
+  | "warning"
+  | "error"
+  | "fatal";
+
+/** Environment variable names, by option. */
+export const ENV = {
+  servers: "NATS_URL",
+  concurrency: "CONVEYOR_CONCURRENCY",
+  shutdownTimeout: "CONVEYOR_SHUTDOWN_TIMEOUT",
+  reconcileTimeout: "CONVEYOR_RECONCILE_TIMEOUT",
+  maxAttempts: "CONVEYOR_MAX_ATTEMPTS",
+  retryDelay: "CONVEYOR_RETRY_DELAY",
+  retryMaxDelay: "CONVEYOR_RETRY_MAX_DELAY",
+  ackWait: "CONVEYOR_ACK_WAIT",
+  maxAckPending: "CONVEYOR_MAX_ACK_PENDING",
+  connectTimeout: "CONVEYOR_CONNECT_TIMEOUT",
+  logLevel: "CONVEYOR_LOG_LEVEL",
+} as const;
+
+/** Reads an environment variable; undefined when unset or not permitted (Deno). */
+export function readEnv(name: string): string | undefined {
+  try {
+    const value = process.env[name];
+    return value === undefined || value.trim() === "" ? undefined : value.trim();
+  } catch {
+    return undefined;
+  }
+}
+
+const UNITS: Record<string, number> = {
+  ms: 1,
+  s: 1_000,
+  m: 60_000,
+  h: 3_600_000,
+};
+
+/**
+ * Parses a duration: a number of milliseconds, or a number with a unit
+ * (`ms`, `s`, `m`, `h`), e.g. `"1500"`, `"30s"`, `"2.5m"`.
+ */
+export function parseDuration(text: string): number | undefined {
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(text.trim());
+  if (!m) return undefined;
+  return Math.round(Number(m[1]) * UNITS[m[2] ?? "ms"]);
+}
+
+function pick(
+  field: keyof typeof ENV,
+  given: number | undefined,
+  fallback: number,
+  opts: { duration?: boolean; min: number },
+): number {
+  let value = given;
+  let source = `option ${field}`;
+  if (value === undefined) {
+    const raw = readEnv(ENV[field]);
+    if (raw !== undefined) {
+      source = `${ENV[field]}=${raw}`;
+      value = opts.duration ? parseDuration(raw) : Number(raw);
+      if (value === undefined || Number.isNaN(value)) {
+        throw new ConfigError(
+          field,
+          `${source} is not a ${opts.duration ? "duration (e.g. 1500, 30s, 2m)" : "number"}`,
+        );
+      }
+    }
+  }
+  if (value === undefined) return fallback;
+  if (
+    !Number.isFinite(value) || value < opts.min ||
+    (!opts.duration && !Number.isInteger(value))
+  ) {
+    throw new ConfigError(
+      field,
+      `${source} must be ${opts.duration ? "a duration" : "an integer"} >= ${opts.min}`,
+    );
+  }
+  return value;
+}
+
+const LEVELS: readonly LogLevel[] = [
+  "trace",
+  "debug",
+  "info",
+  "warning",
+  "error",
+  "fatal",
+];
+
+/** Applies environment variables and defaults; throws `ConfigError` on bad values. */
+export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
+  const serversGiven = options.servers ?? readEnv(ENV.servers)?.split(",") ??
+    "nats://127.0.0.1:4222";
+  const servers = (Array.isArray(serversGiven) ? serversGiven : [serversGiven])
+    .map((s) => s.trim()).filter((s) => s !== "");
+  if (servers.length === 0) {
+    throw new ConfigError("servers", "no NATS server URL given");
+  }
+
+  const rawLevel = (readEnv(ENV.logLevel) ?? "info").toLowerCase();
+  const logLevel = (rawLevel === "warn" ? "warning" : rawLevel) as LogLevel;
+  if (!LEVELS.includes(logLevel)) {
+    throw new ConfigError(
+      "logLevel",
+      `${ENV.logLevel}=${rawLevel} is not one of ${LEVELS.join(", ")}`,
+    );
+  }
+
+  const nats: Partial<NodeConnectionOptions> = { ...options.nats };
+  if (nats.user === undefined && readEnv("NATS_USER")) {
+    nats.user = readEnv("NATS_USER");
+    nats.pass = readEnv("NATS_PASSWORD");
+  }
+  if (nats.token === undefined && readEnv("NATS_TOKEN")) {
+    nats.token = readEnv("NATS_TOKEN");
+  }
+
+  const resolved: ResolvedOptions = {
+    servers,
+    concurrency: pick("concurrency", options.concurrency, 16, { min: 1 }),
+    signal: options.signal,
+    handleSignals: options.handleSignals ?? options.signal === undefined,
+    shutdownTimeout: pick("shutdownTimeout", options.shutdownTimeout, 30_000, {
+      duration: true,
+      min: 0,
+    }),
+    reconcileTimeout: pick("reconcileTimeout", options.reconcileTimeout, 0, {
+      duration: true,
+      min: 0,
+    }),
+    maxAttempts: pick("maxAttempts", options.maxAttempts, 5, { min: 1 }),
+    retryDelay: pick("retryDelay", options.retryDelay, 1_000, {
+      duration: true,
+      min: 0,
+    }),
+    retryMaxDelay: pick("retryMaxDelay", options.retryMaxDelay, 60_000, {
+      duration: true,
+      min: 0,
+    }),
+    ackWait: pick("ackWait", options.ackWait, 30_000, {
+      duration: true,
+      min: 1_000,
+    }),
+    maxAckPending: pick("maxAckPending", options.maxAckPending, 1_000, {
+      min: 1,
+    }),
+    connectTimeout: pick("connectTimeout", options.connectTimeout, 10_000, {
+      duration: true,
+      min: 0,
+    }),
+    configureLogging: options.configureLogging ?? true,
+    logLevel,
+    nats,
+  };
+  return resolved;
+}
+
+/**
+ * Delay before redelivering an event whose attempt `attempt` (1-based) failed:
+ * exponential from `retryDelay`, capped at `retryMaxDelay`, ±20% jitter so
+ * that failures of many events do not come back in lockstep.
+ */
+export function retryDelayFor(
+  attempt: number,
+  o: Pick<ResolvedOptions, "retryDelay" | "retryMaxDelay">,
+): number {
+  const base = Math.min(
+    o.retryMaxDelay,
+    o.retryDelay * 2 ** Math.max(0, attempt - 1),
+  );
+  const jitter = base * 0.2 * (Math.random() * 2 - 1);
+  return Math.max(0, Math.round(Math.min(o.retryMaxDelay, base + jitter)));
+}

@@ -1,0 +1,275 @@
+/**
+ * Wire types of Conveyor CI and their valibot schemas.
+ *
+ * The schemas mirror the SDD's JSON schemas (section 3.5) and accept what the
+ * real Conveyor server sends: it encodes a DriverMessage's `payload` as a JSON
+ * string holding the Resource, where the SDD says an object. Input schemas are
+ * lenient where the server may add fields; what this package emits always
+ * fits the SDD schemas (`additionalProperties: false`).
+ *
+ * @module
+ */
+import * as v from "valibot";
+import type { DriverLogger } from "./logger.ts";
+
+/** Any JSON value, as carried in `spec` and in a result's `data`. */
+export type JsonValue =
+  | string
+  | number
+  | boolean
+  | null
+  | JsonValue[]
+  | { [key: string]: JsonValue };
+
+/**
+ * A Conveyor CI Resource (SDD 3.5.1): the state a driver reconciles.
+ *
+ * @example
+ * ```ts
+ * import type { Resource } from "@conveyor/driver";
+ * const r: Resource = {
+ *   id: "0b7e…", name: "web", resource: "pipeline",
+ *   metadata: { version: "1" }, spec: { image: "node:20" },
+ * };
+ * ```
+ */
+export interface Resource {
+  /** Server-assigned identifier. */
+  id: string;
+  /** The resource's name, unique within its type. */
+  name: string;
+  /** The resource type, e.g. `"pipeline"`; drivers subscribe by type. */
+  resource: string;
+  /** The pipeline this resource runs through, when it has one. */
+  pipeline?: string;
+  /** Arbitrary metadata; the server itself only writes string values. */
+  metadata: Record<string, unknown>;
+  /** Resource-specific specification, any JSON. */
+  spec: unknown;
+}
+
+/**
+ * The event a driver receives (SDD 3.5.2), with `payload` already decoded.
+ */
+export interface DriverMessage {
+  /** Event name, e.g. `create`, or the pipeline's event; an open set. */
+  event: string;
+  /** Message identifier assigned by the server. */
+  id: string;
+  /** Run identifier (a UUID) shared by every step of a pipeline run. */
+  run_id: string;
+  /** The resource the event is about. */
+  payload: Resource;
+}
+
+/**
+ * What `reconcile` returns (SDD 3.5.3). `data` may be omitted and is sent as
+ * `null`.
+ */
+export interface DriverResult {
+  /** Whether the work succeeded; `true` moves the pipeline on. */
+  success: boolean;
+  /** A human-readable summary. */
+  message: string;
+  /** Arbitrary JSON-serializable result data. */
+  data?: unknown;
+}
+
+/** The result as published for the pipeline engine (SDD 3.5.4). */
+export interface DriverResultEvent {
+  /** Whether the work succeeded. */
+  success: boolean;
+  /** A human-readable summary. */
+  message: string;
+  /** Result data; `null` when the driver returned none. */
+  data: unknown;
+  /** The driver's name. */
+  driver: string;
+}
+
+/**
+ * The envelope the server's pipeline engine decodes from
+ * `pipelines.driver.result` (Go `PipelineEvent`).
+ */
+export interface ResultEnvelope {
+  /** Always `"driver.result"`. */
+  event: "driver.result";
+  /** The run the result belongs to. */
+  run_id: string;
+  /** The resource as received. */
+  resource: Resource;
+  /** The driver's result. */
+  driverresult: DriverResultEvent;
+}
+
+/** One log line (SDD 3.5.5), as published on `logs.{runid}`. */
+export interface LogEntry {
+  /** Run identifier (note: `runid`, not `run_id`). */
+  runid: string;
+  /** The driver's name. */
+  driver: string;
+  /** The pipeline, when the resource has one. */
+  pipeline?: string;
+  /** RFC 3339 timestamp. */
+  timestamp: string;
+  /** The log message. */
+  message: string;
+}
+
+const nonEmpty = v.pipe(v.string(), v.minLength(1, "must not be empty"));
+
+/**
+ * Schema of an incoming Resource. Unknown top-level fields are kept rather
+ * than rejected, so a newer server does not break older drivers.
+ */
+export const ResourceSchema: v.GenericSchema<unknown, Resource> = v.looseObject(
+  {
+    id: nonEmpty,
+    name: nonEmpty,
+    resource: nonEmpty,
+    pipeline: v.optional(v.string()),
+    metadata: v.record(v.string(), v.unknown()),
+    spec: v.unknown(),
+  },
+);
+
+/**
+ * The server sends `payload` as a JSON string; the SDD as an object. Both
+ * decode to a Resource.
+ */
+const PayloadSchema = v.union([
+  ResourceSchema,
+  v.pipe(
+    v.string(),
+    v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      try {
+        return JSON.parse(dataset.value) as unknown;
+      } catch (err) {
+        addIssue({
+          message: `payload is not valid JSON: ${(err as Error).message}`,
+        });
+        return NEVER;
+      }
+    }),
+    ResourceSchema,
+  ),
+], "payload must be a Resource object or a JSON string holding one");
+
+/** Schema of an incoming DriverMessage; decodes a string `payload`. */
+export const DriverMessageSchema: v.GenericSchema<unknown, DriverMessage> = v
+  .looseObject({
+    event: nonEmpty,
+    id: nonEmpty,
+    run_id: v.pipe(v.string(), v.uuid("run_id must be a UUID")),
+    payload: PayloadSchema,
+  });
+
+/** Schema of what `reconcile` may return (when it returns an object). */
+export const DriverResultSchema: v.GenericSchema<unknown, DriverResult> = v
+  .object({
+    success: v.boolean(),
+    message: v.string(),
+    data: v.optional(v.unknown()),
+  });
+
+/** Schema of a Log Entry exactly as the SDD defines it (no extra fields). */
+export const LogEntrySchema: v.GenericSchema<unknown, LogEntry> = v
+  .strictObject({
+    runid: v.pipe(v.string(), v.uuid()),
+    driver: nonEmpty,
+    pipeline: v.optional(nonEmpty),
+    timestamp: v.pipe(v.string(), v.isoTimestamp()),
+    message: v.string(),
+  });
+
+/** Schema of the result envelope published on `pipelines.driver.result`. */
+export const ResultEnvelopeSchema: v.GenericSchema<unknown, ResultEnvelope> = v
+  .strictObject({
+    event: v.literal("driver.result"),
+    run_id: nonEmpty,
+    resource: ResourceSchema,
+    driverresult: v.strictObject({
+      success: v.boolean(),
+      message: v.string(),
+      data: v.unknown(),
+      driver: nonEmpty,
+    }),
+  });
+
+/** What is wrong with a name that must fit into NATS subjects. */
+export function nameProblem(name: unknown, what: string): string | undefined {
+  if (typeof name !== "string" || name.length === 0) {
+    return `${what} must be a non-empty string`;
+  }
+  const bad = /[\s.*>/\\]/.exec(name);
+  if (bad) {
+    return `${what} ${JSON.stringify(name)} contains ${JSON.stringify(bad[0])}; ` +
+      "names go into NATS subjects and must not contain whitespace, '.', '*', '>', '/' or '\\'";
+  }
+  return undefined;
+}
+
+/**
+ * Everything `reconcile` gets for one event.
+ */
+export interface ReconcileContext {
+  /** The resource the event is about (the decoded `payload`). */
+  resource: Resource;
+  /** The whole DriverMessage, payload decoded. */
+  message: DriverMessage;
+  /** The event name, e.g. `create`. */
+  event: string;
+  /** The run identifier (a UUID). */
+  runId: string;
+  /** Logger bound to this run; lines reach Conveyor's log store. */
+  logger: DriverLogger;
+  /**
+   * Aborted when the runtime gives up on this reconcile: `reconcileTimeout`
+   * passed (reason `ReconcileTimeoutError`) or a shutdown stopped waiting
+   * (reason `ShutdownError`). Pass it on to fetch, child processes, etc.
+   */
+  signal: AbortSignal;
+  /** Delivery attempt of this event, 1 on first delivery. */
+  attempt: number;
+}
+
+/**
+ * A driver: which resource types it handles and what it does with them.
+ *
+ * @example
+ * ```ts
+ * import { serve, type Driver } from "@conveyor/driver";
+ * const echo: Driver = {
+ *   name: "echo",
+ *   resources: ["pipeline"],
+ *   reconcile({ resource, logger }) {
+ *     logger.info(`hello ${resource.name}`);
+ *     return { success: true, message: "ok" };
+ *   },
+ * };
+ * await serve(echo);
+ * ```
+ */
+export interface Driver {
+  /**
+   * The driver's name: its consumer's name and part of its subjects. No
+   * whitespace, `.`, `*`, `>`, `/` or `\`.
+   */
+  name: string;
+  /** Resource types to receive events for, e.g. `["pipeline"]`. */
+  resources: readonly string[];
+  /**
+   * Event names to handle, e.g. `["create"]`; others are acknowledged and
+   * skipped without a result. All events when absent.
+   */
+  events?: readonly string[];
+  /**
+   * Does the work for one event. Return a `DriverResult` (or nothing, which
+   * counts as success) to report it; throw to have the event retried, and
+   * reported as failed after the last attempt. Throw `PermanentError` to fail
+   * at once without retries.
+   */
+  reconcile(
+    ctx: ReconcileContext,
+  ): DriverResult | void | Promise<DriverResult | void>;
+}
