@@ -66,6 +66,9 @@ export const MESSAGES_STREAM = "messages";
 /** Subject driver results are published to (stream `pipeline-engine`). */
 export const RESULT_SUBJECT = "pipelines.driver.result";
 
+/** 100 years in nanoseconds: an inactive threshold that never passes. */
+const KEEP_FOREVER = nanos(100 * 365 * 24 * 3_600_000);
+
 /** How long a reconcile that was aborted gets to settle before the runtime moves on. */
 const ABORT_GRACE_MS = 1_000;
 
@@ -167,7 +170,7 @@ export async function startDriver(
   const nc = await connectWithin(driver.name, o);
   try {
     const jsm = await jetstreamManager(nc);
-    const info = await ensureConsumer(jsm, driver, o);
+    const info = await ensureConsumer(jsm, driver, o, log);
     const js = jetstream(nc);
     const consumer = await js.consumers.get(MESSAGES_STREAM, driver.name);
     const runtime = new Runtime(driver, o, nc, js, jsm, consumer, info, log);
@@ -279,6 +282,7 @@ async function ensureConsumer(
   jsm: JetStreamManager,
   driver: Driver,
   o: ResolvedOptions,
+  log: Logger,
 ): Promise<ConsumerInfo> {
   try {
     await jsm.streams.info(MESSAGES_STREAM);
@@ -343,16 +347,25 @@ async function ensureConsumer(
   }
   const current = c.filter_subjects ??
     (c.filter_subject ? [c.filter_subject] : []);
+  const expires = !c.durable_name && Number(c.inactive_threshold ?? 0) < KEEP_FOREVER;
   const stale = !sameSet(current, filter_subjects) ||
     c.ack_wait !== wanted.ack_wait ||
-    c.max_ack_pending !== wanted.max_ack_pending || !!c.inactive_threshold;
+    c.max_ack_pending !== wanted.max_ack_pending || expires;
   if (!stale) return info;
+  if (expires) {
+    log.warn(
+      "consumer {name} was created without a durable name (Go SDK) and would vanish 5 s after " +
+        "its last client, dropping events; keeping it for good. Delete it once while no " +
+        "events are pending to have it recreated as a durable consumer.",
+      { name: driver.name },
+    );
+  }
   try {
     return await jsm.consumers.update(MESSAGES_STREAM, driver.name, {
       ...wanted,
-      // A consumer created by the Go SDK has no durable name and expires
-      // after 5 s without a client; keep it for good.
-      inactive_threshold: 0,
+      // A durable name cannot be added to an existing consumer; a threshold
+      // this long keeps it (it survives server restarts too).
+      ...(expires ? { inactive_threshold: KEEP_FOREVER } : {}),
       ...(c.filter_subject ? { filter_subject: "" } : {}),
     });
   } catch (err) {
@@ -550,7 +563,7 @@ class Runtime {
 
   async #recreateConsumer(): Promise<void> {
     try {
-      await ensureConsumer(this.jsm, this.driver, this.o);
+      await ensureConsumer(this.jsm, this.driver, this.o, this.log);
       this.consumer = await this.js.consumers.get(
         MESSAGES_STREAM,
         this.driver.name,

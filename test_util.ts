@@ -10,10 +10,14 @@ export async function waitFor<T>(
   timeout = 15_000,
 ): Promise<NonNullable<T>> {
   const end = Date.now() + timeout;
-  let last: T | undefined;
+  let last: unknown;
   while (Date.now() < end) {
-    last = await check();
-    if (last) return last as NonNullable<T>;
+    try {
+      last = await check();
+      if (last) return last as NonNullable<T>;
+    } catch (err) {
+      last = String(err); // e.g. a request timing out while NATS restarts
+    }
     await new Promise((r) => setTimeout(r, 50));
   }
   throw new Error(
@@ -61,3 +65,31 @@ export async function consumerState(nc: NatsConnection, name: string) {
 }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+import { Ajv2020 } from "ajv/dist/2020.js";
+import addFormats from "ajv-formats";
+import { readFileSync } from "node:fs";
+
+const schemaNames = ["resource", "driver-message", "driver-result", "driver-result-event", "log"];
+
+/** Validators compiled from the SDD's own JSON schemas (schemas/*.json). */
+export function sddValidators(): Record<string, (x: unknown) => string | undefined> {
+  // deno-lint-ignore no-explicit-any
+  const ajv = new (Ajv2020 as any)({ strict: false, allErrors: true });
+  // deno-lint-ignore no-explicit-any
+  ((addFormats as any).default ?? addFormats)(ajv);
+  const out: Record<string, (x: unknown) => string | undefined> = {};
+  for (const name of schemaNames) {
+    const schema = JSON.parse(
+      readFileSync(new URL(`./schemas/${name}.schema.json`, import.meta.url), "utf8"),
+    );
+    // The DriverMessage schema refers to the Resource schema by this name.
+    if (name === "resource") schema.$id = "resource.schema";
+    ajv.addSchema(schema, name);
+  }
+  for (const name of schemaNames) {
+    const validate = ajv.getSchema(name)!;
+    out[name] = (x) => validate(x) ? undefined : ajv.errorsText(validate.errors);
+  }
+  return out;
+}
