@@ -263,6 +263,16 @@ async function connectWithin(
   throw new ConnectError(o.servers, { cause: last });
 }
 
+/** Listens for SIGINT and SIGTERM; returns a function that stops listening. */
+function onSignals(onInt: () => void, onTerm: () => void): () => void {
+  process.on("SIGINT", onInt);
+  process.on("SIGTERM", onTerm);
+  return () => {
+    process.off("SIGINT", onInt);
+    process.off("SIGTERM", onTerm);
+  };
+}
+
 /** The consumer's filter: both subject forms for every resource type. */
 export function filterSubjects(
   driver: Pick<Driver, "name" | "resources">,
@@ -507,12 +517,7 @@ class Runtime {
     };
     const onInt = () => onSignal("SIGINT");
     const onTerm = () => onSignal("SIGTERM");
-    process.on("SIGINT", onInt);
-    process.on("SIGTERM", onTerm);
-    this.#removeSignalHandlers = () => {
-      process.off("SIGINT", onInt);
-      process.off("SIGTERM", onTerm);
-    };
+    this.#removeSignalHandlers = onSignals(onInt, onTerm);
   }
 
   async #pullLoop(): Promise<void> {
@@ -946,10 +951,13 @@ class Runtime {
         },
       );
       const all = Promise.all(inFlight.map((f) => f.done));
-      await Promise.race([
-        all,
-        sleep(this.o.shutdownTimeout, this.#forceAbort.signal),
-      ]);
+      // The timer must not outlive the wait: it would keep the process up.
+      const waited = new AbortController();
+      const onForce = () => waited.abort();
+      this.#forceAbort.signal.addEventListener("abort", onForce, { once: true });
+      await Promise.race([all, sleep(this.o.shutdownTimeout, waited.signal)]);
+      waited.abort();
+      this.#forceAbort.signal.removeEventListener("abort", onForce);
       if (this.#inFlight.size > 0) {
         const reason = new ShutdownError();
         for (const f of this.#inFlight) f.abort(reason);

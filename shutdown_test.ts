@@ -1,0 +1,157 @@
+import { describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import process from "node:process";
+import { type Driver, serve, ShutdownError, startDriver } from "./mod.ts";
+import { publishEvent, readStream } from "./testing.ts";
+import { consumerState, conveyorEnv, type Env, sleep, waitFor } from "./test_util.ts";
+
+const quiet = { handleSignals: false, configureLogging: false } as const;
+
+// deno-lint-ignore no-explicit-any
+const results = async (env: Env): Promise<any[]> =>
+  (await readStream(env.nc, "pipeline-engine")).map((m) => m.json);
+
+describe("graceful shutdown", () => {
+  it("on options.signal: stops pulling, finishes the job in flight, reports it, then resolves", async () => {
+    await using env = await conveyorEnv();
+    const started: string[] = [];
+    const ac = new AbortController();
+    const serving = serve({
+      name: "grace",
+      resources: ["pipeline"],
+      async reconcile({ resource, signal, logger }) {
+        started.push(resource.name);
+        await sleep(800);
+        logger.info("done");
+        assert.equal(signal.aborted, false, "not aborted within shutdownTimeout");
+        return { success: true, message: resource.name };
+      },
+    }, { servers: env.url, signal: ac.signal, concurrency: 1, configureLogging: false });
+    // Interest retention: publish only once the consumer exists.
+    await waitFor(() => consumerState(env.nc, "grace"), "consumer created");
+    for (const name of ["a", "b", "c"]) await publishEvent(env.nc, { resource: "pipeline", name });
+    await waitFor(() => started.length === 1, "first job started");
+    ac.abort();
+    await serving;
+    const r = await results(env);
+    assert.equal(r.length, 1, "the job in flight was reported");
+    assert.equal(r[0].driverresult.message, started[0]);
+    const logs = await readStream(env.nc, "logs-engine");
+    assert.equal(logs.length, 1, "its log line was stored before the result");
+    const s = await consumerState(env.nc, "grace");
+    assert.equal(s.ackPending, 0, "nothing left unacknowledged");
+    assert.equal(s.pending, 2, "the other events wait in the stream");
+    assert.deepEqual(started, ["a"]);
+  });
+
+  it("after shutdownTimeout aborts ctx.signal and hands the event to another instance", async () => {
+    await using env = await conveyorEnv();
+    const reasons: unknown[] = [];
+    const stubborn: Driver = {
+      name: "handover",
+      resources: ["pipeline"],
+      reconcile({ signal }) {
+        // Never finishes by itself; ends only when aborted.
+        return new Promise((_, reject) =>
+          signal.addEventListener("abort", () => {
+            reasons.push(signal.reason);
+            reject(signal.reason);
+          })
+        );
+      },
+    };
+    const first = await startDriver(stubborn, { servers: env.url, ...quiet, shutdownTimeout: 300 });
+    const e = await publishEvent(env.nc, { resource: "pipeline", name: "web" });
+    await waitFor(
+      async () => (await consumerState(env.nc, "handover")).ackPending === 1,
+      "in flight",
+    );
+    await first.stop();
+    assert.ok(reasons[0] instanceof ShutdownError);
+    assert.equal(first.stats().requeued, 1);
+    assert.equal((await results(env)).length, 0, "no result for an abandoned job");
+    const s = await consumerState(env.nc, "handover");
+    assert.equal(s.ackPending + s.pending, 1, "the event is back for redelivery");
+
+    const attempts: number[] = [];
+    await using _second = await startDriver({
+      ...stubborn,
+      reconcile({ attempt }) {
+        attempts.push(attempt);
+        return { success: true, message: "taken over" };
+      },
+    }, { servers: env.url, ...quiet });
+    const [r] = await waitFor(async () => {
+      const r = await results(env);
+      return r.length ? r : undefined;
+    }, "result from the second instance");
+    assert.equal(r.run_id, e.message.run_id);
+    assert.equal(r.driverresult.message, "taken over");
+    assert.deepEqual(attempts, [2]);
+  });
+
+  it("on SIGTERM mid-job: publishes the job's result, exits 0, loses no event", async () => {
+    await using env = await conveyorEnv();
+    const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
+    const file = new URL(`./testdata/slow_driver.${ext}`, import.meta.url).pathname;
+    const [cmd, args] = "Deno" in globalThis
+      ? [process.execPath, ["run", "-A", file]]
+      : "Bun" in globalThis
+      ? [process.execPath, ["run", file]]
+      : [process.execPath, [file]];
+    const child = spawn(cmd, args, {
+      env: { ...process.env, NATS_URL: env.url, DRIVER_NAME: "sigterm", JOB_MS: "1500" },
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    let out = "";
+    child.stdout!.on("data", (c: Uint8Array) => (out += new TextDecoder().decode(c)));
+    const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+    await waitFor(() => out.includes("ready"), "driver process ready", 30_000);
+    const names = ["one", "two", "three"];
+    for (const name of names) await publishEvent(env.nc, { resource: "pipeline", name });
+    await waitFor(() => out.includes("started one"), "job started");
+    // process.kill, not child.kill: Deno's ChildProcess reports any child it
+    // was asked to kill as ended by that signal, whatever its exit code.
+    process.kill(Number(/ready (\d+)/.exec(out)![1]), "SIGTERM");
+    const code = await exited;
+    assert.equal(code, 0, `exit code (stdout: ${out})`);
+    assert.match(out, /finished one/);
+    assert.match(out, /closed/);
+    const r = await results(env);
+    assert.equal(r.length, 1);
+    assert.equal(r[0].driverresult.message, "built one");
+    const s = await consumerState(env.nc, "sigterm");
+    assert.equal(s.ackPending, 0);
+    assert.equal(s.pending, 2, "two events wait for the next instance");
+
+    // The next instance picks up exactly what is left.
+    const seen: string[] = [];
+    await using _next = await startDriver({
+      name: "sigterm",
+      resources: ["pipeline"],
+      reconcile({ resource }) {
+        seen.push(resource.name);
+        return { success: true, message: `built ${resource.name}` };
+      },
+    }, { servers: env.url, ...quiet });
+    await waitFor(async () => (await results(env)).length === 3, "all three results");
+    assert.deepEqual(seen.sort(), ["three", "two"]);
+  });
+
+  it("stop() is idempotent and `await using` shuts down", async () => {
+    await using env = await conveyorEnv();
+    let running;
+    {
+      await using d = await startDriver({
+        name: "scoped",
+        resources: ["pipeline"],
+        reconcile() {},
+      }, { servers: env.url, ...quiet });
+      running = d;
+      await Promise.all([d.stop(), d.stop()]);
+    }
+    await running.closed;
+    assert.equal(running.stats().inFlight, 0);
+  });
+});
