@@ -137,23 +137,19 @@ export const ResourceSchema: v.GenericSchema<unknown, Resource> = v.looseObject(
  * The server sends `payload` as a JSON string; the SDD as an object. Both
  * decode to a Resource.
  */
-const PayloadSchema = v.union([
+const PayloadSchema = v.pipe(
+  v.unknown(),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    if (typeof dataset.value !== "string") return dataset.value;
+    try {
+      return JSON.parse(dataset.value) as unknown;
+    } catch (err) {
+      addIssue({ message: `payload is not valid JSON: ${(err as Error).message}` });
+      return NEVER;
+    }
+  }),
   ResourceSchema,
-  v.pipe(
-    v.string(),
-    v.rawTransform(({ dataset, addIssue, NEVER }) => {
-      try {
-        return JSON.parse(dataset.value) as unknown;
-      } catch (err) {
-        addIssue({
-          message: `payload is not valid JSON: ${(err as Error).message}`,
-        });
-        return NEVER;
-      }
-    }),
-    ResourceSchema,
-  ),
-], "payload must be a Resource object or a JSON string holding one");
+);
 
 /** Schema of an incoming DriverMessage; decodes a string `payload`. */
 export const DriverMessageSchema: v.GenericSchema<unknown, DriverMessage> = v
