@@ -33,7 +33,7 @@ import {
   ConnectError,
   ConsumerError,
   ConveyorError,
-  InvalidMessageError,
+  type InvalidMessageError,
   type MessageIssue,
   PermanentError,
   PublishError,
@@ -52,10 +52,10 @@ import {
 import {
   type Driver,
   type DriverMessage,
-  DriverMessageSchema,
   type DriverResult,
   DriverResultSchema,
   nameProblem,
+  parseDriverMessage,
   type Resource,
   ResourceSchema,
   type ResultEnvelope,
@@ -864,27 +864,14 @@ class Runtime {
     let raw: unknown;
     try {
       raw = JSON.parse(decoder.decode(m.data));
-    } catch (err) {
-      return {
-        ok: false,
-        raw: undefined,
-        error: new InvalidMessageError(m.subject, [{
-          path: "",
-          message: `not JSON: ${(err as Error).message}`,
-        }], {
-          cause: err,
-        }),
-      };
+    } catch {
+      // parseDriverMessage below reports it with the parser's words.
     }
-    const parsed = v.safeParse(DriverMessageSchema, raw);
-    if (parsed.success) return { ok: true, message: parsed.output };
-    return {
-      ok: false,
-      raw,
-      error: new InvalidMessageError(m.subject, issuesOf(parsed.issues), {
-        cause: new v.ValiError(parsed.issues),
-      }),
-    };
+    try {
+      return { ok: true, message: parseDriverMessage(raw ?? m.data, m.subject) };
+    } catch (err) {
+      return { ok: false, error: err as InvalidMessageError, raw };
+    }
   }
 
   /** Terminates a message that can never be processed, reporting it where possible. */

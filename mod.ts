@@ -39,18 +39,14 @@ export { type DriverLogger, type Labels, type Level } from "./logger.ts";
 export {
   type Driver,
   type DriverMessage,
-  DriverMessageSchema,
   type DriverResult,
   type DriverResultEvent,
-  DriverResultSchema,
   type JsonValue,
   type LogEntry,
-  LogEntrySchema,
+  parseDriverMessage,
   type ReconcileContext,
   type Resource,
-  ResourceSchema,
   type ResultEnvelope,
-  ResultEnvelopeSchema,
 } from "./types.ts";
 // errors.ts
 export {

@@ -108,11 +108,12 @@ export interface ServeOptions {
    */
   configureLogging?: boolean;
   /**
-   * Extra NATS connection options (credentials, TLS, name…), passed to
-   * `connect()`. Env `NATS_USER`/`NATS_PASSWORD` and `NATS_TOKEN` fill
-   * `user`/`pass` and `token` when not set here.
+   * Extra options for nats.js `connect()` (its `NodeConnectionOptions`:
+   * `user`, `pass`, `token`, `authenticator`, `tls`, `name`…). Env
+   * `NATS_USER`/`NATS_PASSWORD` and `NATS_TOKEN` fill `user`/`pass` and
+   * `token` when not set here.
    */
-  nats?: Partial<NodeConnectionOptions>;
+  nats?: Record<string, unknown>;
 }
 
 /** Options with every default applied. */
@@ -247,7 +248,7 @@ export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
     );
   }
 
-  const nats: Partial<NodeConnectionOptions> = { ...options.nats };
+  const nats = { ...options.nats } as Partial<NodeConnectionOptions>;
   if (nats.user === undefined && readEnv("NATS_USER")) {
     nats.user = readEnv("NATS_USER");
     nats.pass = readEnv("NATS_PASSWORD");

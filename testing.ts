@@ -27,6 +27,7 @@ import { fileURLToPath } from "node:url";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
 import type { DriverMessage, Resource } from "./types.ts";
+export type { DriverMessage, Resource } from "./types.ts";
 
 /** A running `nats-server` started by {@link startNatsServer}. */
 export interface NatsServer extends AsyncDisposable {
@@ -203,7 +204,8 @@ export async function startNatsServer(
   return server;
 }
 
-type Target = string | NatsConnection;
+/** Where to talk to NATS: a server URL, or an open connection to reuse. */
+export type Target = string | NatsConnection;
 
 async function withConnection<T>(
   target: Target,

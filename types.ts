@@ -11,6 +11,7 @@
  */
 import * as v from "valibot";
 import type { DriverLogger } from "./logger.ts";
+import { InvalidMessageError } from "./errors.ts";
 
 /** Any JSON value, as carried in `spec` and in a result's `data`. */
 export type JsonValue =
@@ -268,4 +269,41 @@ export interface Driver {
   reconcile(
     ctx: ReconcileContext,
   ): DriverResult | void | Promise<DriverResult | void>;
+}
+
+/**
+ * Decodes and validates an incoming DriverMessage (a JSON string, bytes, or
+ * an already parsed value), accepting `payload` as an object or as the JSON
+ * string the Conveyor server sends.
+ *
+ * @throws {InvalidMessageError} listing every problem with its path.
+ * @example
+ * ```ts
+ * import { parseDriverMessage } from "@conveyor/driver";
+ * const msg = parseDriverMessage('{"event":"create","id":"1","run_id":"0b7e1c1e-8d4e-4f7a-9a52-4a3b2c1d0e9f","payload":"{\\"id\\":\\"r\\",\\"name\\":\\"web\\",\\"resource\\":\\"pipeline\\",\\"metadata\\":{},\\"spec\\":null}"}');
+ * console.log(msg.payload.name); // "web"
+ * ```
+ */
+export function parseDriverMessage(
+  input: string | Uint8Array | unknown,
+  subject = "(unknown subject)",
+): DriverMessage {
+  let value = input;
+  if (input instanceof Uint8Array) value = new TextDecoder().decode(input);
+  if (typeof value === "string") {
+    try {
+      value = JSON.parse(value);
+    } catch (err) {
+      throw new InvalidMessageError(subject, [
+        { path: "", message: `not JSON: ${(err as Error).message}` },
+      ], { cause: err });
+    }
+  }
+  const parsed = v.safeParse(DriverMessageSchema, value);
+  if (parsed.success) return parsed.output;
+  throw new InvalidMessageError(
+    subject,
+    parsed.issues.map((i) => ({ path: v.getDotPath(i) ?? "", message: i.message })),
+    { cause: new v.ValiError(parsed.issues) },
+  );
 }
