@@ -2,12 +2,13 @@
  * Throughput of the driver runtime, as a ratio against a hand-written nats.js
  * loop run in the same process against the same nats-server.
  *
- *   deno run -A bench/throughput.ts [--events 2000] [--concurrency 16] [--rounds 3]
+ *   deno run -A bench/throughput.ts [--events 2000] [--concurrency 16] [--rounds 5]
  *   bun run bench/throughput.ts [same flags]
  *
- * Env `BENCH_EVENTS`, `BENCH_CONCURRENCY`, `BENCH_ROUNDS`, `BENCH_WARMUP` and
- * `BENCH_TIMEOUT` set the same values; a flag wins over its variable. See
- * bench/README.md for how to read the output.
+ * Env `BENCH_EVENTS`, `BENCH_CONCURRENCY`, `BENCH_ROUNDS`, `BENCH_WARMUP`,
+ * `BENCH_TIMEOUT` and `BENCH_VARIANTS` set the same values; a flag wins over
+ * its variable (`--help` lists them). See bench/README.md for how to read the
+ * output and for the opt-in diagnostic variants.
  *
  * Both variants do the same wire work per event: take a `resources.bench`
  * event from a durable pull consumer on `messages`, decode it, publish one log
@@ -37,6 +38,7 @@ import {
   MESSAGES_STREAM,
   RESULT_SUBJECT,
   resultMsgId,
+  type ServeOptions,
   startDriver,
 } from "../mod.ts";
 import { createConveyorStreams, publishEvent, startNatsServer } from "../testing.ts";
@@ -49,7 +51,13 @@ const PUBLISH_WINDOW = 256;
 // ---------------------------------------------------------------- options
 
 /** The variants `--variants` accepts; `baseline` and `runtime` are the default pair. */
-const VARIANT_NAMES = ["baseline", "runtime", "fetch", "fetch-ackack"] as const;
+const VARIANT_NAMES = [
+  "baseline",
+  "runtime",
+  "fetch",
+  "fetch-ackack",
+  "runtime-notraces",
+] as const;
 type Variant = typeof VARIANT_NAMES[number];
 
 interface Config {
@@ -331,47 +339,47 @@ function benchDriver(name: string): Driver {
   };
 }
 
-/** The runtime: `startDriver` with a driver that logs one line and succeeds. */
-const runtime: VariantSpec = {
-  async prepare(jsm, name) {
-    // Exactly what startDriver would create, so it finds the consumer current.
-    await jsm.consumers.add(MESSAGES_STREAM, {
-      name,
-      durable_name: name,
-      filter_subjects: filterSubjects(benchDriver(name)),
-      ack_policy: AckPolicy.Explicit,
-      deliver_policy: DeliverPolicy.All,
-      ack_wait: nanos(ACK_WAIT_MS),
-      max_ack_pending: 1_000,
-    });
-  },
-  async start(url, name, cfg) {
-    const running = await startDriver(benchDriver(name), {
-      servers: url,
-      concurrency: cfg.concurrency,
-      ackWait: ACK_WAIT_MS,
-      maxAckPending: 1_000,
-      handleSignals: false,
-      // LogTape stays unconfigured: no console output is measured.
-      configureLogging: false,
-      shutdownTimeout: 5_000,
-    });
-    return {
-      done: () => running.stats().succeeded,
-      errors: () => {
-        const s = running.stats();
-        return s.failed + s.retried + s.invalid + s.requeued;
-      },
-      stop: () => running.stop(),
-    };
-  },
-};
+/**
+ * The runtime: `startDriver` with a driver that logs one line and succeeds.
+ * With `nats`, extra connection options (diagnostic variants).
+ */
+function runtimeVariant(nats?: ServeOptions["nats"]): VariantSpec {
+  return {
+    async prepare(jsm, name) {
+      // Exactly what startDriver would create, so it finds the consumer current.
+      await addConsumer(jsm, name, 1_000, { filter_subjects: filterSubjects(benchDriver(name)) });
+    },
+    async start(url, name, cfg) {
+      const running = await startDriver(benchDriver(name), {
+        servers: url,
+        concurrency: cfg.concurrency,
+        ackWait: ACK_WAIT_MS,
+        maxAckPending: 1_000,
+        handleSignals: false,
+        // LogTape stays unconfigured: no console output is measured.
+        configureLogging: false,
+        shutdownTimeout: 5_000,
+        nats,
+      });
+      return {
+        done: () => running.stats().succeeded,
+        errors: () => {
+          const s = running.stats();
+          return s.failed + s.retried + s.invalid + s.requeued;
+        },
+        stop: () => running.stop(),
+      };
+    },
+  };
+}
 
 const VARIANTS: Record<Variant, VariantSpec> = {
   baseline,
-  runtime,
+  runtime: runtimeVariant(),
   fetch: fetchVariant(false),
   "fetch-ackack": fetchVariant(true),
+  // nats.js captures a stack trace (two Error objects) per request unless told not to.
+  "runtime-notraces": runtimeVariant({ noAsyncTraces: true }),
 };
 
 // ---------------------------------------------------------------- harness
@@ -508,7 +516,7 @@ async function main(): Promise<void> {
 
     const runs: RunResult[] = [];
     console.log("");
-    console.log("round  variant        seconds    events/s  client CPU us/event");
+    console.log("round  variant           seconds    events/s  client CPU us/event");
     for (let round = 1; round <= cfg.rounds; round++) {
       // Alternate the order so that drift (JIT, disk, caches) favours no variant.
       const order = round % 2 ? cfg.variants : [...cfg.variants].reverse();
@@ -516,7 +524,7 @@ async function main(): Promise<void> {
         const r = await runOnce(nc, server.url, v, round, cfg.events, cfg);
         runs.push(r);
         console.log(
-          `${String(round).padStart(5)}  ${v.padEnd(13)}  ${fmt(r.seconds, 3).padStart(7)}  ` +
+          `${String(round).padStart(5)}  ${v.padEnd(16)}  ${fmt(r.seconds, 3).padStart(7)}  ` +
             `${fmt(r.eps).padStart(10)}  ${fmt(r.cpuUsPerEvent).padStart(19)}`,
         );
       }
@@ -528,15 +536,16 @@ async function main(): Promise<void> {
     const hasBase = cfg.variants.includes("baseline");
     const base = hasBase ? eps("baseline") : NaN;
     console.log("");
-    console.log("median         events/s  client CPU us/event  vs baseline");
+    console.log("median            events/s  client CPU us/event  vs baseline");
     for (const v of cfg.variants) {
       console.log(
-        `${v.padEnd(13)}  ${fmt(eps(v)).padStart(8)}  ${fmt(cpu(v)).padStart(19)}  ` +
+        `${v.padEnd(16)}  ${fmt(eps(v)).padStart(8)}  ${fmt(cpu(v)).padStart(19)}  ` +
           `${hasBase ? (eps(v) / base).toFixed(3).padStart(11) : "          -"}`,
       );
     }
     let ratio: number | undefined;
     let spread: [number, number] | undefined;
+    let pairedMedian: number | undefined;
     if (hasBase && cfg.variants.includes("runtime")) {
       ratio = eps("runtime") / base;
       // Same-round ratios show how much of the result is noise.
@@ -544,10 +553,12 @@ async function main(): Promise<void> {
         r.eps / of("baseline").find((b) => b.round === r.round)!.eps
       );
       spread = [Math.min(...perRound), Math.max(...perRound)];
+      pairedMedian = median(perRound);
       console.log("");
       console.log(
         `ratio runtime/baseline  ${ratio.toFixed(3)}  (1.0 = as fast as the baseline; ` +
-          `same-round ratios ${spread[0].toFixed(2)}..${spread[1].toFixed(2)})`,
+          `same-round ratios ${spread[0].toFixed(2)}..${spread[1].toFixed(2)}, ` +
+          `median ${pairedMedian.toFixed(2)})`,
       );
     }
     const medians = Object.fromEntries(cfg.variants.map((v) => [v, {
@@ -567,6 +578,7 @@ async function main(): Promise<void> {
       runtime_eps: cfg.variants.includes("runtime") ? Math.round(eps("runtime")) : null,
       ratio: ratio === undefined ? null : Number(ratio.toFixed(4)),
       ratio_range: spread?.map((x) => Number(x.toFixed(4))) ?? null,
+      ratio_same_round_median: pairedMedian === undefined ? null : Number(pairedMedian.toFixed(4)),
       medians,
       runs: runs.map((r) => ({
         variant: r.variant,
