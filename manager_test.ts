@@ -519,7 +519,7 @@ describe("serve: bad input and failures", () => {
     await running.stop();
   });
 
-  it("fails at once on PermanentError and on an invalid returned result", async () => {
+  it("fails at once on PermanentError, an invalid result and data that is not JSON", async () => {
     await using env = await conveyorEnv();
     const { PermanentError } = await import("./mod.ts");
     let calls = 0;
@@ -530,20 +530,24 @@ describe("serve: bad input and failures", () => {
       reconcile({ resource }): any {
         calls++;
         if (resource.name === "perm") throw new PermanentError("spec.image is required");
+        if (resource.name === "bigint") return { success: true, message: "ok", data: { n: 1n } };
         return { ok: true };
       },
     }, { servers: env.url, ...quiet, maxAttempts: 5, retryDelay: 50 });
     await publishEvent(env.nc, { resource: "pipeline", name: "perm" });
     await publishEvent(env.nc, { resource: "pipeline", name: "shape" });
-    const stored = await waitForResults(env, 2);
+    await publishEvent(env.nc, { resource: "pipeline", name: "bigint" });
+    const stored = await waitForResults(env, 3);
     await drained(env, "perm");
-    assert.equal(calls, 2);
+    assert.equal(calls, 3);
     const byName = new Map(
       stored.map((m) => [envelope(m).resource.name, envelope(m).driverresult]),
     );
     assert.equal(byName.get("perm").message, "spec.image is required");
     assert.equal(byName.get("perm").success, false);
     assert.match(byName.get("shape").message, /invalid DriverResult/);
+    assert.equal(byName.get("bigint").success, false);
+    assert.match(byName.get("bigint").message, /cannot be encoded as JSON/);
   });
 
   it("aborts ctx.signal when reconcileTimeout passes and counts the attempt as failed", async () => {
