@@ -172,7 +172,13 @@ export async function startDriver(
     const jsm = await jetstreamManager(nc);
     const info = await ensureConsumer(jsm, driver, o, log);
     const js = jetstream(nc);
-    const consumer = await js.consumers.get(MESSAGES_STREAM, driver.name);
+    const consumer = await js.consumers.get(MESSAGES_STREAM, driver.name).catch((err) => {
+      throw new ConsumerError(
+        driver.name,
+        `cannot bind to consumer "${driver.name}": ${(err as Error).message}`,
+        { cause: err },
+      );
+    });
     const runtime = new Runtime(driver, o, nc, js, jsm, consumer, info, log);
     runtime.start();
     return runtime.handle();
@@ -564,12 +570,9 @@ class Runtime {
           attempt: failures,
           error: String(err),
         });
-        if (
-          isApiError(err, JetStreamApiCodes.ConsumerNotFound) ||
-          /consumer not found|consumer deleted/i.test(String(err))
-        ) {
-          await this.#recreateConsumer();
-        }
+        // A deleted consumer shows as "consumer deleted", "no responders"
+        // or missed heartbeats, depending on when it went: ask the server.
+        await this.#recreateConsumerIfMissing();
         await sleep(
           Math.min(5_000, 250 * 2 ** Math.min(failures, 5)),
           this.#forceAbort.signal,
@@ -580,7 +583,14 @@ class Runtime {
     }
   }
 
-  async #recreateConsumer(): Promise<void> {
+  async #recreateConsumerIfMissing(): Promise<void> {
+    try {
+      await this.jsm.consumers.info(MESSAGES_STREAM, this.driver.name);
+      return;
+    } catch (err) {
+      // Anything but "not found" (NATS down, say) is for the next round.
+      if (!isApiError(err, JetStreamApiCodes.ConsumerNotFound)) return;
+    }
     try {
       await ensureConsumer(this.jsm, this.driver, this.o, this.log);
       this.consumer = await this.js.consumers.get(

@@ -575,6 +575,27 @@ describe("serve: bad input and failures", () => {
     await drained(env, "hang");
   });
 
+  it("recreates its consumer when it is deleted under it", async () => {
+    await using env = await conveyorEnv();
+    const names: string[] = [];
+    await using _d = await startDriver({
+      name: "phoenix",
+      resources: ["pipeline"],
+      reconcile({ resource }) {
+        names.push(resource.name);
+      },
+    }, { servers: env.url, ...quiet });
+    const jsm = await jetstreamManager(env.nc);
+    await jsm.consumers.delete("messages", "phoenix");
+    // Interest retention: an event published while no consumer exists is
+    // dropped by the server, so wait for the consumer to come back.
+    const s = await waitFor(() => consumerState(env.nc, "phoenix"), "consumer back", 30_000);
+    assert.equal(s.config.durable_name, "phoenix");
+    await publishEvent(env.nc, { resource: "pipeline", name: "after-delete" });
+    await waitForResults(env, 1, 30_000);
+    assert.deepEqual(names, ["after-delete"]);
+  });
+
   it("keeps working across a NATS server restart", async () => {
     await using env = await conveyorEnv();
     const names: string[] = [];
