@@ -91,53 +91,55 @@ describe("graceful shutdown", () => {
     assert.deepEqual(attempts, [2]);
   });
 
-  it("on SIGTERM mid-job: publishes the job's result, exits 0, loses no event", async () => {
-    await using env = await conveyorEnv();
-    const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
-    const file = new URL(`./testdata/slow_driver.${ext}`, import.meta.url).pathname;
-    const [cmd, args] = "Deno" in globalThis
-      ? [process.execPath, ["run", "-A", file]]
-      : "Bun" in globalThis
-      ? [process.execPath, ["run", file]]
-      : [process.execPath, [file]];
-    const child = spawn(cmd, args, {
-      env: { ...process.env, NATS_URL: env.url, DRIVER_NAME: "sigterm", JOB_MS: "1500" },
-      stdio: ["ignore", "pipe", "inherit"],
-    });
-    let out = "";
-    child.stdout!.on("data", (c: Uint8Array) => (out += new TextDecoder().decode(c)));
-    const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
-    await waitFor(() => out.includes("ready"), "driver process ready", 30_000);
-    const names = ["one", "two", "three"];
-    for (const name of names) await publishEvent(env.nc, { resource: "pipeline", name });
-    await waitFor(() => out.includes("started one"), "job started");
-    // process.kill, not child.kill: Deno's ChildProcess reports any child it
-    // was asked to kill as ended by that signal, whatever its exit code.
-    process.kill(Number(/ready (\d+)/.exec(out)![1]), "SIGTERM");
-    const code = await exited;
-    assert.equal(code, 0, `exit code (stdout: ${out})`);
-    assert.match(out, /finished one/);
-    assert.match(out, /closed/);
-    const r = await results(env);
-    assert.equal(r.length, 1);
-    assert.equal(r[0].driverresult.message, "built one");
-    const s = await consumerState(env.nc, "sigterm");
-    assert.equal(s.ackPending, 0);
-    assert.equal(s.pending, 2, "two events wait for the next instance");
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    it(`on ${signal} mid-job: publishes the job's result, exits 0, loses no event`, async () => {
+      await using env = await conveyorEnv();
+      const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
+      const file = new URL(`./testdata/slow_driver.${ext}`, import.meta.url).pathname;
+      const [cmd, args] = "Deno" in globalThis
+        ? [process.execPath, ["run", "-A", file]]
+        : "Bun" in globalThis
+        ? [process.execPath, ["run", file]]
+        : [process.execPath, [file]];
+      const child = spawn(cmd, args, {
+        env: { ...process.env, NATS_URL: env.url, DRIVER_NAME: signal, JOB_MS: "1500" },
+        stdio: ["ignore", "pipe", "inherit"],
+      });
+      let out = "";
+      child.stdout!.on("data", (c: Uint8Array) => (out += new TextDecoder().decode(c)));
+      const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+      await waitFor(() => out.includes("ready"), "driver process ready", 30_000);
+      const names = ["one", "two", "three"];
+      for (const name of names) await publishEvent(env.nc, { resource: "pipeline", name });
+      await waitFor(() => out.includes("started one"), "job started");
+      // process.kill, not child.kill: Deno's ChildProcess reports any child it
+      // was asked to kill as ended by that signal, whatever its exit code.
+      process.kill(Number(/ready (\d+)/.exec(out)![1]), signal);
+      const code = await exited;
+      assert.equal(code, 0, `exit code (stdout: ${out})`);
+      assert.match(out, /finished one/);
+      assert.match(out, /closed/);
+      const r = await results(env);
+      assert.equal(r.length, 1);
+      assert.equal(r[0].driverresult.message, "built one");
+      const s = await consumerState(env.nc, signal);
+      assert.equal(s.ackPending, 0);
+      assert.equal(s.pending, 2, "two events wait for the next instance");
 
-    // The next instance picks up exactly what is left.
-    const seen: string[] = [];
-    await using _next = await startDriver({
-      name: "sigterm",
-      resources: ["pipeline"],
-      reconcile({ resource }) {
-        seen.push(resource.name);
-        return { success: true, message: `built ${resource.name}` };
-      },
-    }, { servers: env.url, ...quiet });
-    await waitFor(async () => (await results(env)).length === 3, "all three results");
-    assert.deepEqual(seen.sort(), ["three", "two"]);
-  });
+      // The next instance picks up exactly what is left.
+      const seen: string[] = [];
+      await using _next = await startDriver({
+        name: signal,
+        resources: ["pipeline"],
+        reconcile({ resource }) {
+          seen.push(resource.name);
+          return { success: true, message: `built ${resource.name}` };
+        },
+      }, { servers: env.url, ...quiet });
+      await waitFor(async () => (await results(env)).length === 3, "all three results");
+      assert.deepEqual(seen.sort(), ["three", "two"]);
+    });
+  }
 
   it("stop() is idempotent and `await using` shuts down", async () => {
     await using env = await conveyorEnv();

@@ -58,6 +58,8 @@ if (wanted("static")) {
     readdirSync(join(root, dir)).filter((f) => f.endsWith(".ts")).map((f) => join(dir, f));
   run("check", deno, ["check", ...ts("."), ...ts("examples"), ...ts("bench"), ...ts("testdata")]);
   run("doc", deno, ["doc", "--lint", "mod.ts"]);
+  // JSR's checks, slow types among them; a dry run needs no network.
+  run("publish", deno, ["publish", "--dry-run", "--allow-dirty", "--quiet"]);
 }
 if (wanted("deno")) {
   run("deno", bin("deno"), ["test", "-A", ...testFiles], (out) => {
