@@ -171,3 +171,83 @@ export class PublishError extends ConveyorError {
     this.subject = subject;
   }
 }
+
+/**
+ * The Conveyor API answered with an error status. `error` holds the server's
+ * message: the `error` field of a JSON body, or the plain-text body.
+ *
+ * @example
+ * ```ts
+ * import { Client, ConveyorApiError } from "@conveyor/driver";
+ * try {
+ *   await new Client().getResource("pipeline", "web");
+ * } catch (err) {
+ *   if (err instanceof ConveyorApiError && err.status === 401) console.error("check the client certificate");
+ * }
+ * ```
+ */
+export class ConveyorApiError extends ConveyorError {
+  /** HTTP status code. */
+  readonly status: number;
+  /** The server's error text. */
+  readonly error: string;
+  /** HTTP method of the request. */
+  readonly method: string;
+  /** Path of the request, e.g. `/resources/pipeline/web`. */
+  readonly path: string;
+  /** Creates the error for a response. */
+  constructor(
+    init: { status: number; error: string; method: string; path: string },
+    options?: ErrorOptions,
+  ) {
+    super(`${init.method} ${init.path} failed with ${init.status}: ${init.error}`, options);
+    this.name = "ConveyorApiError";
+    this.status = init.status;
+    this.error = init.error;
+    this.method = init.method;
+    this.path = init.path;
+  }
+}
+
+/** A request to the Conveyor API failed before a response arrived. */
+export class ApiNetworkError extends ConveyorError {
+  /** HTTP method of the request. */
+  readonly method: string;
+  /** Path of the request. */
+  readonly path: string;
+  /** Creates the error; `cause` is the error `fetch` threw. */
+  constructor(init: { method: string; path: string }, options?: ErrorOptions) {
+    const why = options?.cause instanceof Error ? `: ${options.cause.message}` : "";
+    super(`${init.method} ${init.path}: network error${why}`, options);
+    this.name = "ApiNetworkError";
+    this.method = init.method;
+    this.path = init.path;
+  }
+}
+
+/** A request to the Conveyor API took longer than the client's `timeout`. */
+export class ApiTimeoutError extends ConveyorError {
+  /** HTTP method of the request. */
+  readonly method: string;
+  /** Path of the request. */
+  readonly path: string;
+  /** The limit, in milliseconds. */
+  readonly timeout: number;
+  /** Creates the error. */
+  constructor(init: { method: string; path: string; timeout: number }, options?: ErrorOptions) {
+    super(`${init.method} ${init.path}: no response within ${init.timeout} ms`, options);
+    this.name = "ApiTimeoutError";
+    this.method = init.method;
+    this.path = init.path;
+    this.timeout = init.timeout;
+  }
+}
+
+/** A certificate, key or CA could not be read or used for authentication. */
+export class AuthError extends ConveyorError {
+  /** Creates the error. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "AuthError";
+  }
+}

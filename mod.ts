@@ -50,9 +50,13 @@ export {
 } from "./types.ts";
 // errors.ts
 export {
+  ApiNetworkError,
+  ApiTimeoutError,
+  AuthError,
   ConfigError,
   ConnectError,
   ConsumerError,
+  ConveyorApiError,
   ConveyorError,
   InvalidMessageError,
   type MessageIssue,
