@@ -447,6 +447,8 @@ class Runtime {
     inFlight: 0,
   };
   readonly #inFlight = new Set<InFlight>();
+  /** Calls of driver.reconcile not yet settled, abandoned ones included. */
+  #running = 0;
   readonly #slots: Slots;
   readonly #heartbeatMs: number;
   /** Messages being reconciled: told "still working" on each heartbeat. */
@@ -518,6 +520,20 @@ class Runtime {
     };
   }
 
+  /**
+   * After a signal-driven shutdown: a reconcile that ignored `ctx.signal`
+   * would keep the process alive until it is killed. Its event is already
+   * handed back, so exit as a signalled driver process should.
+   */
+  #exitIfStuck(): void {
+    if (this.#running === 0) return;
+    this.log.warn(
+      "{count} reconcile(s) ignored ctx.signal and still run; their events were handed back; exiting",
+      { count: this.#running },
+    );
+    setTimeout(() => process.exit(0), 100);
+  }
+
   #installSignalHandlers(): void {
     let count = 0;
     const onSignal = (sig: string) => {
@@ -526,7 +542,7 @@ class Runtime {
         this.log.info("{signal} received: shutting down gracefully", {
           signal: sig,
         });
-        this.stop();
+        this.stop().then(() => this.#exitIfStuck());
       } else {
         this.log.warn(
           "{signal} received again: no longer waiting for in-flight reconciles",
@@ -696,6 +712,7 @@ class Runtime {
       );
     };
     signal.addEventListener("abort", onAbort, { once: true });
+    this.#running++;
     (async () => {
       try {
         const ret = await this.driver.reconcile({
@@ -731,6 +748,8 @@ class Runtime {
             : "error",
           error: err,
         });
+      } finally {
+        this.#running--;
       }
     })();
     const result = await outcome;

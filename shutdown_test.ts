@@ -141,6 +141,50 @@ describe("graceful shutdown", () => {
     });
   }
 
+  it("on a second SIGTERM stops waiting, hands the job back and still exits 0", async () => {
+    await using env = await conveyorEnv();
+    const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
+    const file = new URL(`./testdata/slow_driver.${ext}`, import.meta.url).pathname;
+    const [cmd, args] = "Deno" in globalThis
+      ? [process.execPath, ["run", "-A", file]]
+      : "Bun" in globalThis
+      ? [process.execPath, ["run", file]]
+      : [process.execPath, [file]];
+    const child = spawn(cmd, args, {
+      // A job far longer than the test, that ignores ctx.signal.
+      env: { ...process.env, NATS_URL: env.url, DRIVER_NAME: "impatient", JOB_MS: "60000" },
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    let out = "";
+    child.stdout!.on("data", (c: Uint8Array) => (out += new TextDecoder().decode(c)));
+    const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+    await waitFor(() => out.includes("ready"), "driver process ready", 30_000);
+    const e = await publishEvent(env.nc, { resource: "pipeline", name: "forever" });
+    await waitFor(() => out.includes("started forever"), "job started");
+    const pid = Number(/ready (\d+)/.exec(out)![1]);
+    process.kill(pid, "SIGTERM");
+    await sleep(300);
+    process.kill(pid, "SIGTERM");
+    assert.equal(await exited, 0, `exit code (stdout: ${out})`);
+    assert.doesNotMatch(out, /finished forever/);
+    assert.equal((await results(env)).length, 0);
+
+    const taken: number[] = [];
+    await using _next = await startDriver({
+      name: "impatient",
+      resources: ["pipeline"],
+      reconcile({ attempt }) {
+        taken.push(attempt);
+      },
+    }, { servers: env.url, ...quiet });
+    const [r] = await waitFor(async () => {
+      const r = await results(env);
+      return r.length ? r : undefined;
+    }, "the handed-back event's result");
+    assert.equal(r.run_id, e.message.run_id);
+    assert.deepEqual(taken, [2]);
+  });
+
   it("stop() is idempotent and `await using` shuts down", async () => {
     await using env = await conveyorEnv();
     let running;
