@@ -43,10 +43,11 @@ export class ConfigError extends ConveyorError {
 export class ConnectError extends ConveyorError {
   /** The servers that were tried. */
   readonly servers: string[];
-  /** Creates the error for the given servers. */
-  constructor(servers: string[], options?: ErrorOptions) {
+  /** Creates the error for the given servers; `hint` says what may fix it. */
+  constructor(servers: string[], options?: ErrorOptions & { hint?: string }) {
     const why = options?.cause instanceof Error ? `: ${options.cause.message}` : "";
-    super(`cannot connect to NATS at ${servers.join(", ")}${why}`, options);
+    const hint = options?.hint ? ` (${options.hint})` : "";
+    super(`cannot connect to NATS at ${servers.join(", ")}${why}${hint}`, options);
     this.name = "ConnectError";
     this.servers = servers;
   }

@@ -42,6 +42,8 @@ import {
   StreamNotFoundError,
 } from "./errors.ts";
 import { createRunLog } from "./logger.ts";
+import { type AuthOptions, createIdentity, type Identity } from "./auth.ts";
+import { Client } from "./client.ts";
 import { ensureLogging } from "./logging.ts";
 import {
   type ResolvedOptions,
@@ -167,7 +169,14 @@ export async function startDriver(
   const o = resolveOptions(options);
   await ensureLogging(o);
   const log = getLogger(["conveyor", "driver", driver.name, "runtime"]);
-  const nc = await connectWithin(driver.name, o);
+  const identity = o.auth === undefined
+    ? undefined
+    : isIdentity(o.auth)
+    ? o.auth
+    : await createIdentity(o.auth);
+  const client = o.client ??
+    (o.apiUrl ? new Client({ baseUrl: o.apiUrl, auth: identity }) : undefined);
+  const nc = await connectWithin(driver.name, o, identity);
   try {
     const jsm = await jetstreamManager(nc);
     const info = await ensureConsumer(jsm, driver, o, log);
@@ -179,7 +188,7 @@ export async function startDriver(
         { cause: err },
       );
     });
-    const runtime = new Runtime(driver, o, nc, js, jsm, consumer, info, log);
+    const runtime = new Runtime(driver, o, nc, js, jsm, consumer, info, log, client);
     runtime.start();
     return runtime.handle();
   } catch (err) {
@@ -238,9 +247,14 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
+function isIdentity(x: AuthOptions | Identity): x is Identity {
+  return typeof (x as Identity).token === "function";
+}
+
 async function connectWithin(
   name: string,
   o: ResolvedOptions,
+  identity: Identity | undefined,
 ): Promise<NatsConnection> {
   const deadline = Date.now() + o.connectTimeout;
   let last: unknown;
@@ -255,6 +269,8 @@ async function connectWithin(
         // Async stack traces cost an Error per request; a fifth of the
         // client's CPU per event in bench/throughput.ts.
         noAsyncTraces: true,
+        // The operator's identity doubles as the NATS client certificate.
+        ...(identity ? { tls: identity.tls() } : {}),
         ...o.nats,
         timeout: Math.max(1_000, Math.min(5_000, deadline - Date.now())),
       });
@@ -269,7 +285,18 @@ async function connectWithin(
     if (Date.now() + wait >= deadline) break;
     await sleep(wait, o.signal);
   }
-  throw new ConnectError(o.servers, { cause: last });
+  // A server that requires client certificates drops a client without one
+  // mid-handshake, which nats.js reports as a timeout or a TLS error.
+  const maybeTls = /tls|certificate|handshake|ssl|timeout/i.test(
+    String((last as Error)?.message ?? last),
+  );
+  throw new ConnectError(o.servers, {
+    cause: last,
+    hint: maybeTls && !identity
+      ? "if the server requires client certificates, give the driver its identity: " +
+        "option auth, or CONVEYOR_CERT_FILE, CONVEYOR_KEY_FILE and CONVEYOR_CA_FILE"
+      : undefined,
+  });
 }
 
 /** Listens for SIGINT and SIGTERM; returns a function that stops listening. */
@@ -473,6 +500,7 @@ class Runtime {
     public consumer: Consumer,
     info: ConsumerInfo,
     readonly log: Logger,
+    readonly client: Client | undefined,
   ) {
     this.#slots = new Slots(o.concurrency);
     // Progress well inside ack_wait, as the consumer really has it.
@@ -723,6 +751,7 @@ class Runtime {
           logger,
           signal,
           attempt,
+          client: this.client,
         });
         if (ret === undefined || ret === null) {
           settle({ kind: "result", result: { success: true, message: "" } });

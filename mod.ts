@@ -37,17 +37,48 @@ export { ENV, parseDuration, type ServeOptions } from "./options.ts";
 export { type DriverLogger, type Labels, type Level } from "./logger.ts";
 // types.ts
 export {
+  type BroadcastMessage,
+  type BroadcastResponse,
+  type CreateResourceResponse,
   type Driver,
   type DriverMessage,
   type DriverResult,
   type DriverResultEvent,
+  type HealthStatus,
   type JsonValue,
   type LogEntry,
   parseDriverMessage,
+  type Pipeline,
   type ReconcileContext,
   type Resource,
+  type ResourceDefinition,
+  type ResourceDefinitionInit,
+  type ResourceInit,
   type ResultEnvelope,
+  type Step,
 } from "./types.ts";
+// client.ts
+export {
+  Client,
+  type ClientOptions,
+  type ListLogsOptions,
+  OPERATIONS,
+  type RequestOptions,
+  type RetryOptions,
+  type StreamLogsOptions,
+  type StreamPipelineLogsOptions,
+  type TokenSource,
+} from "./client.ts";
+// sse.ts
+export { readSse, type SseEvent, type SseOptions, type SseReconnectInfo } from "./sse.ts";
+// auth.ts
+export {
+  authFromEnv,
+  type AuthOptions,
+  createIdentity,
+  type Identity,
+  type JwtAlgorithm,
+} from "./auth.ts";
 // errors.ts
 export {
   ApiNetworkError,

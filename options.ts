@@ -7,6 +7,8 @@
 import process from "node:process";
 import type { NodeConnectionOptions } from "@nats-io/transport-node";
 import { ConfigError } from "./errors.ts";
+import { authFromEnv, type AuthOptions, type Identity } from "./auth.ts";
+import type { Client } from "./client.ts";
 
 /**
  * How the runtime connects, consumes, retries and shuts down. Every field is
@@ -114,6 +116,21 @@ export interface ServeOptions {
    * `token` when not set here.
    */
   nats?: Record<string, unknown>;
+  /**
+   * The driver's identity, issued by the Conveyor operator: certificate
+   * chain, key and CA as files or PEM strings, or an `Identity` made with
+   * `createIdentity`. It secures NATS with mutual TLS and signs the API
+   * client's tokens. Env `CONVEYOR_CERT_FILE`, `CONVEYOR_KEY_FILE`,
+   * `CONVEYOR_CA_FILE`.
+   */
+  auth?: AuthOptions | Identity;
+  /**
+   * Base URL of the Conveyor API. When set (or env `CONVEYOR_API_URL`),
+   * reconciles get `ctx.client`, authenticated with `auth`.
+   */
+  apiUrl?: string;
+  /** A ready API client for `ctx.client`; wins over `apiUrl`. */
+  client?: Client;
 }
 
 /** Options with every default applied. */
@@ -133,6 +150,9 @@ export interface ResolvedOptions {
   configureLogging: boolean;
   logLevel: LogLevel;
   nats: Partial<NodeConnectionOptions>;
+  auth?: AuthOptions | Identity;
+  apiUrl?: string;
+  client?: Client;
 }
 
 /** Log levels understood by `CONVEYOR_LOG_LEVEL`. */
@@ -157,6 +177,7 @@ export const ENV = {
   maxAckPending: "CONVEYOR_MAX_ACK_PENDING",
   connectTimeout: "CONVEYOR_CONNECT_TIMEOUT",
   logLevel: "CONVEYOR_LOG_LEVEL",
+  apiUrl: "CONVEYOR_API_URL",
 } as const;
 
 /** Reads an environment variable; undefined when unset or not permitted (Deno). */
@@ -293,6 +314,9 @@ export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
     configureLogging: options.configureLogging ?? true,
     logLevel,
     nats,
+    auth: options.auth ?? authFromEnv(),
+    apiUrl: options.apiUrl ?? readEnv(ENV.apiUrl),
+    client: options.client,
   };
   return resolved;
 }

@@ -11,6 +11,7 @@
  */
 import * as v from "valibot";
 import type { DriverLogger } from "./logger.ts";
+import type { Client } from "./client.ts";
 import { InvalidMessageError } from "./errors.ts";
 
 /** Any JSON value, as carried in `spec` and in a result's `data`. */
@@ -228,6 +229,12 @@ export interface ReconcileContext {
   signal: AbortSignal;
   /** Delivery attempt of this event, 1 on first delivery. */
   attempt: number;
+  /**
+   * The Conveyor API client, signed with the driver's identity; present when
+   * the runtime knows the API's URL (option `apiUrl`, env `CONVEYOR_API_URL`)
+   * or was given a `client`.
+   */
+  client?: Client;
 }
 
 /**
@@ -307,3 +314,213 @@ export function parseDriverMessage(
     { cause: new v.ValiError(parsed.issues) },
   );
 }
+
+// ---------------------------------------------------------------------------
+// HTTP API types (client.ts). The server is written in Go: every field of its
+// structs is always present in what it sends (empty strings, `null` for a nil
+// slice or map), so output schemas fill in defaults rather than reject.
+
+/**
+ * A Resource as sent to `POST /resources/` or `PUT /resources/{type}/{name}`:
+ * the server assigns `id` and sets `metadata.version`.
+ *
+ * @example
+ * ```ts
+ * import type { ResourceInit } from "@conveyor/driver";
+ * const web: ResourceInit = { name: "web", resource: "app", pipeline: "ci", spec: { image: "node:20" } };
+ * ```
+ */
+export interface ResourceInit {
+  /** Ignored on create: the server assigns one. */
+  id?: string;
+  /** The resource's name, unique within its type. */
+  name: string;
+  /** The resource type; a resource definition of that name must exist. */
+  resource: string;
+  /** The pipeline to run the resource through; its `resource` must match. */
+  pipeline?: string;
+  /**
+   * String metadata: the server's decoder rejects values that are not
+   * strings. On create the v0.6 server replaces it with `{ version: "1" }`.
+   */
+  metadata?: Record<string, string>;
+  /** Resource-specific specification, validated by the server against the definition's schema. */
+  spec?: unknown;
+}
+
+/** What `POST /resources/` answers (201). */
+export interface CreateResourceResponse {
+  /** The resource's name. */
+  name: string;
+  /** The run started for the resource's `create` event (a UUID). */
+  runid: string;
+  /** Human-readable confirmation. */
+  message: string;
+  /** The stored version, `"1"` for a new resource. */
+  version: string;
+}
+
+/** A resource type and the JSON schema its resources' `spec` must satisfy. */
+export interface ResourceDefinition {
+  /** Server-assigned identifier; empty when `apply` updated an existing definition. */
+  id: string;
+  /** The resource type this defines, e.g. `"app"`. */
+  name: string;
+  /** Human-readable description. */
+  description: string;
+  /** Version label, free text. */
+  version: string;
+  /** JSON schema of a resource's `spec`. */
+  schema: unknown;
+}
+
+/** A resource definition as sent to the server; `id` is assigned by it. */
+export interface ResourceDefinitionInit {
+  /** Ignored on create: the server assigns one. */
+  id?: string;
+  /** The resource type this defines. */
+  name: string;
+  /** Human-readable description. */
+  description?: string;
+  /** Version label, free text. */
+  version?: string;
+  /** JSON schema of a resource's `spec`; the server refuses resources of a type without one. */
+  schema: unknown;
+}
+
+/** One step of a pipeline: the driver that handles it. */
+export interface Step {
+  /** Step identifier, unique within the pipeline. */
+  id: string;
+  /** Human-readable name. */
+  name: string;
+  /** The driver that runs the step. */
+  driver: string;
+}
+
+/**
+ * A pipeline: the steps, each a driver, a resource goes through.
+ *
+ * @example
+ * ```ts
+ * import type { Pipeline } from "@conveyor/driver";
+ * const ci: Pipeline = {
+ *   name: "ci", resource: "app",
+ *   steps: [{ id: "1", name: "build", driver: "builder" }, { id: "2", name: "deploy", driver: "deployer" }],
+ * };
+ * ```
+ */
+export interface Pipeline {
+  /** The pipeline's name. */
+  name: string;
+  /** Human-readable description. */
+  description?: string;
+  /** Version label, free text. */
+  version?: string;
+  /** The resource type the pipeline processes. */
+  resource: string;
+  /** The steps, in order. */
+  steps: Step[];
+  /** String metadata. */
+  metadata?: Record<string, string>;
+}
+
+/** What `GET /health` answers. */
+export interface HealthStatus {
+  /** `"healthy"` when the server is up. */
+  status: string;
+  /** The server's clock, Unix seconds. */
+  time: number;
+}
+
+/**
+ * A message for `POST /drivers/broadcast-message`. `payload` may be a
+ * Resource (or any JSON object), sent as the JSON string the server expects,
+ * or that string already encoded. The server assigns `id`.
+ */
+export interface BroadcastMessage {
+  /** Event name, e.g. `"create"`. */
+  event: string;
+  /** Run identifier to carry, if any. */
+  run_id?: string;
+  /** Ignored: the server assigns one. */
+  id?: string;
+  /** The resource (or other JSON object) the message is about, or its JSON text. */
+  payload: Resource | ResourceInit | Record<string, unknown> | string;
+}
+
+/** What `POST /drivers/broadcast-message` answers. */
+export interface BroadcastResponse {
+  /** `"message published"`. */
+  message: string;
+}
+
+const str = v.optional(v.string(), "");
+
+/** Schema of a Pipeline as the server sends it; `null` steps become `[]`. */
+export const PipelineSchema: v.GenericSchema<unknown, Pipeline> = v.pipe(
+  v.looseObject({
+    name: v.string(),
+    description: v.optional(v.string()),
+    version: v.optional(v.string()),
+    resource: v.string(),
+    steps: v.nullish(
+      v.array(v.looseObject({ id: str, name: str, driver: v.string() })),
+    ),
+    metadata: v.nullish(v.record(v.string(), v.string())),
+  }),
+  v.transform((p) => {
+    const { steps, metadata, ...rest } = p;
+    return { ...rest, steps: steps ?? [], ...(metadata ? { metadata } : {}) } as Pipeline;
+  }),
+);
+
+/** Schema of a ResourceDefinition as the server sends it. */
+export const ResourceDefinitionSchema: v.GenericSchema<unknown, ResourceDefinition> = v
+  .looseObject({
+    id: str,
+    name: v.string(),
+    description: str,
+    version: str,
+    schema: v.unknown(),
+  });
+
+/** Schema of the answer to `POST /resources/`. */
+export const CreateResourceResponseSchema: v.GenericSchema<unknown, CreateResourceResponse> = v
+  .looseObject({
+    name: v.string(),
+    runid: v.string(),
+    message: str,
+    version: v.pipe(v.union([v.string(), v.number()]), v.transform(String)),
+  });
+
+/** Schema of the answer to `GET /health`. */
+export const HealthStatusSchema: v.GenericSchema<unknown, HealthStatus> = v.looseObject({
+  status: v.string(),
+  time: v.number(),
+});
+
+/** Schema of the answer to `POST /drivers/broadcast-message`. */
+export const BroadcastResponseSchema: v.GenericSchema<unknown, BroadcastResponse> = v
+  .looseObject({ message: v.string() });
+
+/**
+ * Schema of a log line as the server sends it (`GET /logs`, SSE streams):
+ * lenient where {@link LogEntrySchema} is strict. The server writes
+ * `"pipeline": ""` for lines without one (dropped here, so stored and live
+ * lines look alike), and older drivers wrote Unix-seconds timestamps.
+ */
+export const ServerLogSchema: v.GenericSchema<unknown, LogEntry> = v.pipe(
+  v.looseObject({
+    runid: v.string(),
+    driver: v.string(),
+    pipeline: v.nullish(v.string()),
+    timestamp: v.string(),
+    message: v.string(),
+  }),
+  v.transform(({ runid, driver, pipeline, timestamp, message }) => {
+    const entry: LogEntry = { runid, driver, timestamp, message };
+    if (pipeline) entry.pipeline = pipeline;
+    return entry;
+  }),
+);

@@ -35,7 +35,8 @@ const assetDirs = ["schemas", "testdata"];
 const extraFiles = ["README.md", "LICENSE", "LICENSE.md", "LICENSE.txt"];
 /** Modules that only the tests use: built, but never published. */
 const isTestModule = (rel) =>
-  /(^|\/)[^/]*_test\.ts$/.test(rel) || /(^|\/)test_util\.ts$/.test(rel) || /^testdata\//.test(rel);
+  /(^|\/)[^/]*_test\.ts$/.test(rel) || /(^|\/)test_[a-z_]+\.ts$/.test(rel) ||
+  /^testdata\//.test(rel);
 /** Sources compiled by tsc, hence not copied as assets (.d.ts files are copied). */
 const isCompiledSource = (name) => /\.[cm]?tsx?$/.test(name) && !/\.d\.[cm]?ts$/.test(name);
 

@@ -1,0 +1,774 @@
+/**
+ * A typed client for the Conveyor CI HTTP API, built on Web `fetch` alone, so
+ * it runs on Deno, Bun, Node and edge runtimes alike.
+ *
+ * @example
+ * ```ts
+ * import { Client } from "@conveyor/driver";
+ * const api = new Client({ baseUrl: "http://localhost:8080" });
+ * const { runid } = await api.createResource({ name: "web", resource: "app", spec: { image: "node:20" } });
+ * for await (const line of api.streamPipelineLogs({ runId: runid })) console.log(line.message);
+ * ```
+ *
+ * @module
+ */
+import * as v from "valibot";
+import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
+import { readEnv, retryDelayFor } from "./options.ts";
+import { errorText, parseRetryAfter, readSse, sleep } from "./sse.ts";
+import {
+  type BroadcastMessage,
+  type BroadcastResponse,
+  BroadcastResponseSchema,
+  type CreateResourceResponse,
+  CreateResourceResponseSchema,
+  type HealthStatus,
+  HealthStatusSchema,
+  type LogEntry,
+  type Pipeline,
+  PipelineSchema,
+  type Resource,
+  type ResourceDefinition,
+  type ResourceDefinitionInit,
+  ResourceDefinitionSchema,
+  type ResourceInit,
+  ResourceSchema,
+  ServerLogSchema,
+} from "./types.ts";
+
+/**
+ * Where the client gets the bearer token it sends with every request but
+ * `GET /health`. Asked once per attempt, so a short-lived token is renewed
+ * in time; an `Identity` from `createIdentity` is one.
+ */
+export interface TokenSource {
+  /** A valid token, e.g. a JWT signed with the operator-issued key. */
+  token(): Promise<string>;
+}
+
+/** Retries of idempotent requests (GET, PUT, DELETE, HEAD). */
+export interface RetryOptions {
+  /** Attempts in all, the first included; 1 turns retries off. @default 3 */
+  attempts?: number;
+  /** Delay before the first retry, in ms; doubles per retry, ±20% jitter. @default 250 */
+  initialDelay?: number;
+  /**
+   * Upper bound of a retry delay, in ms. A `Retry-After` asking for longer
+   * ends the retries: the error is thrown instead.
+   * @default 5_000
+   */
+  maxDelay?: number;
+}
+
+/** Options of {@link Client}. Every field is optional. */
+export interface ClientOptions {
+  /**
+   * The API's base URL; a path prefix is kept (`https://ci.example/api`).
+   * Env `CONVEYOR_API_URL`.
+   * @default "http://localhost:8080"
+   */
+  baseUrl?: string;
+  /** Token source for `Authorization: Bearer …`, needed when the server has auth enabled. */
+  auth?: TokenSource;
+  /** The `fetch` to use, e.g. one with a custom TLS agent. @default globalThis.fetch */
+  fetch?: typeof fetch;
+  /**
+   * Limit for one attempt of a request, response body included, in ms.
+   * Log streams use {@link ClientOptions.streamConnectTimeout} instead.
+   * @default 30_000
+   */
+  timeout?: number;
+  /** Retries of idempotent requests; POST is never retried. */
+  retry?: RetryOptions;
+  /** Extra headers for every request, e.g. `User-Agent`. */
+  headers?: Record<string, string>;
+  /**
+   * How long a log stream waits for response headers, in ms. The server sends
+   * them only with the first log line or heartbeat (every 15 s).
+   * @default 30_000
+   */
+  streamConnectTimeout?: number;
+  /**
+   * Consecutive failed reconnects of a log stream before it gives up (see
+   * `SseOptions.maxRetries`); `Infinity` to follow a run through any outage.
+   * @default 10
+   */
+  streamMaxRetries?: number;
+}
+
+/** The last parameter of every request method. */
+export interface RequestOptions {
+  /** Aborts the request (and its retries); the call rejects with the signal's reason. */
+  signal?: AbortSignal;
+}
+
+/** Filters of {@link Client.listLogs}; all optional, combined with AND. */
+export interface ListLogsOptions extends RequestOptions {
+  /** Only lines of this run (query `runid`). */
+  runId?: string;
+  /** Only lines of this driver. */
+  driver?: string;
+  /** Only lines of this pipeline. */
+  pipeline?: string;
+}
+
+/** Options of {@link Client.streamLogs}. */
+export interface StreamLogsOptions extends RequestOptions {
+  /** The run to follow. */
+  runId: string;
+  /** The driver whose lines to follow. */
+  driver: string;
+}
+
+/** Options of {@link Client.streamPipelineLogs}. */
+export interface StreamPipelineLogsOptions extends RequestOptions {
+  /** The run to follow, every driver's lines. */
+  runId: string;
+}
+
+/**
+ * Each operation of the server's swagger.json (`"METHOD /path"`, paths as
+ * written there) and the {@link Client} method that performs it.
+ */
+export const OPERATIONS: Readonly<Record<string, keyof Client>> = Object.freeze({
+  "GET /health": "health",
+  "POST /resources": "createResource",
+  "GET /resources/{type}": "listResources",
+  "GET /resources/{type}/{name}": "getResource",
+  "PUT /resources/{type}/{name}": "updateResource",
+  "DELETE /resources/{type}/{name}": "deleteResource",
+  "GET /resources/{type}/{name}/{version}": "getResourceVersion",
+  "POST /resource-definitions": "createResourceDefinition",
+  "POST /resource-definitions/apply": "applyResourceDefinition",
+  "GET /resource-definitions/{name}": "getResourceDefinition",
+  "PUT /resource-definitions/{name}": "updateResourceDefinition",
+  "DELETE /resource-definitions/{name}": "deleteResourceDefinition",
+  "POST /pipelines": "createPipeline",
+  "GET /pipelines/{name}": "getPipeline",
+  "PUT /pipelines/{name}": "updatePipeline",
+  "DELETE /pipelines/{name}": "deletePipeline",
+  "GET /logs": "listLogs",
+  "POST /logs": "createLog",
+  "GET /logs/streams/{drivername}/{runid}": "streamLogs",
+  "GET /logs/pipeline/{runid}": "streamPipelineLogs",
+  "POST /drivers/broadcast-message": "broadcastMessage",
+});
+
+const IDEMPOTENT = new Set(["GET", "HEAD", "PUT", "DELETE", "OPTIONS"]);
+const RETRY_STATUS = new Set([429, 502, 503, 504]);
+/** `Retry-After` of a failed attempt, by its error. */
+const retryAfterOf = new WeakMap<Error, number>();
+
+/** Encodes a path parameter. */
+function seg(value: string | number): string {
+  const s = String(value);
+  // URLs resolve `.` and `..` segments, encoded or not: they cannot be sent.
+  if (s === "" || s === "." || s === "..") {
+    throw new TypeError(`path parameter ${JSON.stringify(s)} cannot be sent`);
+  }
+  return encodeURIComponent(s);
+}
+
+/** Identity of a log line, the same in the server's replay and live JSON. */
+function logKey(data: string): string {
+  try {
+    const l = JSON.parse(data) as Record<string, unknown>;
+    return JSON.stringify([l.runid, l.driver, l.timestamp, l.message]);
+  } catch {
+    return data;
+  }
+}
+
+const ResourceListSchema = v.pipe(
+  v.nullable(v.array(ResourceSchema)),
+  v.transform((x) => x ?? []),
+);
+const LogListSchema = v.pipe(
+  v.nullable(v.array(ServerLogSchema)),
+  v.transform((x) => x ?? []),
+);
+
+type Fetch = (input: URL, init: RequestInit) => Promise<Response>;
+
+/** A 2xx answer: JSON parsed, other text as a string, nothing as undefined. */
+interface Reply {
+  status: number;
+  body: unknown;
+}
+
+interface Call {
+  method: string;
+  path: string;
+  query?: Record<string, string | undefined>;
+  body?: unknown;
+  signal?: AbortSignal;
+  /** Send `Authorization` (all but /health). */
+  auth?: boolean;
+}
+
+/**
+ * Client of the Conveyor CI HTTP API: a typed method for every operation of
+ * the server's swagger.json (see {@link OPERATIONS}).
+ *
+ * - Non-2xx answers reject with `ConveyorApiError` (`status`, the server's
+ *   `error` text, `method`, `path`); a 2xx answer whose body does not have the
+ *   documented shape rejects with a `ConveyorApiError` of that 2xx status
+ *   naming what is wrong.
+ * - `fetch` failing rejects with `ApiNetworkError`, an attempt exceeding
+ *   `timeout` with `ApiTimeoutError`; aborting `signal` with its reason.
+ * - GET, PUT and DELETE are retried on network errors, timeouts, 429, 502,
+ *   503 and 504, honouring `Retry-After`; POST is never retried, as the
+ *   server may have acted on it.
+ *
+ * @example
+ * ```ts
+ * import { Client, ConveyorApiError } from "@conveyor/driver";
+ * const api = new Client({ baseUrl: "http://localhost:8080", auth: identity });
+ * try {
+ *   const app = await api.getResource("app", "web");
+ *   console.log(app.metadata.version);
+ * } catch (err) {
+ *   if (err instanceof ConveyorApiError) console.error(err.status, err.error);
+ *   else throw err;
+ * }
+ * ```
+ */
+export class Client {
+  /** The base URL requests go to, without a trailing slash. */
+  readonly baseUrl: string;
+  #auth?: TokenSource;
+  #fetch: Fetch;
+  #timeout: number;
+  #attempts: number;
+  #initialDelay: number;
+  #maxDelay: number;
+  #headers: Record<string, string>;
+  #streamConnectTimeout: number;
+  #streamMaxRetries: number;
+
+  /** Creates a client; nothing is sent until a method is called. */
+  constructor(options: ClientOptions = {}) {
+    const base = options.baseUrl ?? readEnv("CONVEYOR_API_URL") ?? "http://localhost:8080";
+    new URL(base); // throws a TypeError now rather than on the first request
+    this.baseUrl = base.replace(/\/+$/, "");
+    this.#auth = options.auth;
+    // Never called as a method: some runtimes' fetch throws when `this` is
+    // not the global object.
+    const custom = options.fetch;
+    this.#fetch = custom
+      ? (input, init) => custom(input, init)
+      : (input, init) => fetch(input, init);
+    this.#timeout = options.timeout ?? 30_000;
+    this.#attempts = Math.max(1, options.retry?.attempts ?? 3);
+    this.#initialDelay = options.retry?.initialDelay ?? 250;
+    this.#maxDelay = options.retry?.maxDelay ?? 5_000;
+    this.#headers = { ...options.headers };
+    this.#streamConnectTimeout = options.streamConnectTimeout ?? 30_000;
+    this.#streamMaxRetries = options.streamMaxRetries ?? 10;
+  }
+
+  // --- health -------------------------------------------------------------
+
+  /**
+   * `GET /health`: whether the server is up. Sent without a token.
+   *
+   * @example
+   * ```ts
+   * const { status } = await new Client().health(); // "healthy"
+   * ```
+   */
+  async health(options: RequestOptions = {}): Promise<HealthStatus> {
+    const reply = await this.#request({
+      method: "GET",
+      path: "/health",
+      auth: false,
+      signal: options.signal,
+    });
+    return this.#decode(HealthStatusSchema, reply, "GET", "/health");
+  }
+
+  // --- resources ----------------------------------------------------------
+
+  /**
+   * `POST /resources/`: creates a resource and starts a run for its
+   * `create` event. The server assigns `id` and sets `metadata` to
+   * `{ version: "1" }` (the v0.6 server drops other metadata here), validates `spec` against the resource definition's schema (400 when it
+   * does not fit, 404 when there is no definition) and checks that the
+   * pipeline, when given, exists for this resource type (400).
+   *
+   * @example
+   * ```ts
+   * const { runid } = await api.createResource({ name: "web", resource: "app", pipeline: "ci", spec: {} });
+   * ```
+   */
+  async createResource(
+    resource: ResourceInit,
+    options: RequestOptions = {},
+  ): Promise<CreateResourceResponse> {
+    const reply = await this.#request({
+      method: "POST",
+      path: "/resources/", // with the slash, as the Go client posts
+      body: resource,
+      signal: options.signal,
+    });
+    return this.#decode(CreateResourceResponseSchema, reply, "POST", "/resources/");
+  }
+
+  /**
+   * `GET /resources/{type}`: the resources of a type.
+   *
+   * Not routed by the v0.6 server: it answers 404 (plain text `Cannot GET …`)
+   * and `GET /resources` answers 400; this method works against servers that
+   * implement the operation as swagger.json documents it.
+   */
+  async listResources(type: string, options: RequestOptions = {}): Promise<Resource[]> {
+    const path = `/resources/${seg(type)}`;
+    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    return this.#decode(ResourceListSchema, reply, "GET", path);
+  }
+
+  /**
+   * `GET /resources/{type}/{name}`: one resource, latest version.
+   *
+   * A missing resource answers **500** (`Failed to find resource: …`), not
+   * 404, on the v0.6 server.
+   */
+  async getResource(type: string, name: string, options: RequestOptions = {}): Promise<Resource> {
+    const path = `/resources/${seg(type)}/${seg(name)}`;
+    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    return this.#decode(ResourceSchema, reply, "GET", path);
+  }
+
+  /**
+   * `PUT /resources/{type}/{name}`: replaces a resource, stores a new version
+   * and publishes an `update` event. The body is validated like on create; a
+   * resource type without definition answers 404.
+   */
+  async updateResource(
+    type: string,
+    name: string,
+    resource: ResourceInit | Resource,
+    options: RequestOptions = {},
+  ): Promise<Resource> {
+    const path = `/resources/${seg(type)}/${seg(name)}`;
+    const reply = await this.#request({
+      method: "PUT",
+      path,
+      body: resource,
+      signal: options.signal,
+    });
+    return this.#decode(ResourceSchema, reply, "PUT", path);
+  }
+
+  /**
+   * `DELETE /resources/{type}/{name}`: deletes a resource and publishes a
+   * `delete` event. The v0.6 server answers 204 for a missing resource too.
+   */
+  async deleteResource(type: string, name: string, options: RequestOptions = {}): Promise<void> {
+    await this.#request({
+      method: "DELETE",
+      path: `/resources/${seg(type)}/${seg(name)}`,
+      signal: options.signal,
+    });
+  }
+
+  /**
+   * `GET /resources/{type}/{name}/{version}`: a resource as it was at a
+   * version (`metadata.version`). A missing version answers 404 or, on the
+   * v0.6 server, possibly 500.
+   */
+  async getResourceVersion(
+    type: string,
+    name: string,
+    version: string | number,
+    options: RequestOptions = {},
+  ): Promise<Resource> {
+    const path = `/resources/${seg(type)}/${seg(name)}/${seg(version)}`;
+    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    return this.#decode(ResourceSchema, reply, "GET", path);
+  }
+
+  // --- resource definitions ----------------------------------------------
+
+  /**
+   * `POST /resource-definitions/`: creates a resource type with the JSON
+   * schema its resources' `spec` must satisfy. Use
+   * {@link Client.applyResourceDefinition} to create or update.
+   */
+  async createResourceDefinition(
+    definition: ResourceDefinitionInit,
+    options: RequestOptions = {},
+  ): Promise<ResourceDefinition> {
+    const path = "/resource-definitions/";
+    const reply = await this.#request({
+      method: "POST",
+      path,
+      body: definition,
+      signal: options.signal,
+    });
+    return this.#decode(ResourceDefinitionSchema, reply, "POST", path);
+  }
+
+  /**
+   * `POST /resource-definitions/apply`: creates the definition, or updates
+   * the one of the same name (then the answer's `id` is empty on the v0.6
+   * server). 400 without a `name`.
+   *
+   * @example
+   * ```ts
+   * await api.applyResourceDefinition({ name: "app", schema: { type: "object" } });
+   * ```
+   */
+  async applyResourceDefinition(
+    definition: ResourceDefinitionInit,
+    options: RequestOptions = {},
+  ): Promise<ResourceDefinition> {
+    const path = "/resource-definitions/apply";
+    const reply = await this.#request({
+      method: "POST",
+      path,
+      body: definition,
+      signal: options.signal,
+    });
+    return this.#decode(ResourceDefinitionSchema, reply, "POST", path);
+  }
+
+  /**
+   * `GET /resource-definitions/{name}`. A missing definition answers
+   * **500**, not 404, on the v0.6 server.
+   */
+  async getResourceDefinition(
+    name: string,
+    options: RequestOptions = {},
+  ): Promise<ResourceDefinition> {
+    const path = `/resource-definitions/${seg(name)}`;
+    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    return this.#decode(ResourceDefinitionSchema, reply, "GET", path);
+  }
+
+  /**
+   * `PUT /resource-definitions/{name}`: replaces a definition. A missing
+   * definition answers 500 on the v0.6 server.
+   */
+  async updateResourceDefinition(
+    name: string,
+    definition: ResourceDefinitionInit,
+    options: RequestOptions = {},
+  ): Promise<ResourceDefinition> {
+    const path = `/resource-definitions/${seg(name)}`;
+    const reply = await this.#request({
+      method: "PUT",
+      path,
+      body: definition,
+      signal: options.signal,
+    });
+    return this.#decode(ResourceDefinitionSchema, reply, "PUT", path);
+  }
+
+  /** `DELETE /resource-definitions/{name}`. */
+  async deleteResourceDefinition(name: string, options: RequestOptions = {}): Promise<void> {
+    await this.#request({
+      method: "DELETE",
+      path: `/resource-definitions/${seg(name)}`,
+      signal: options.signal,
+    });
+  }
+
+  // --- pipelines ----------------------------------------------------------
+
+  /**
+   * `POST /pipelines`: creates (or overwrites) a pipeline. 404 when no
+   * resource definition exists for its `resource` type.
+   *
+   * @example
+   * ```ts
+   * await api.createPipeline({
+   *   name: "ci", resource: "app",
+   *   steps: [{ id: "1", name: "build", driver: "builder" }],
+   * });
+   * ```
+   */
+  async createPipeline(pipeline: Pipeline, options: RequestOptions = {}): Promise<Pipeline> {
+    const reply = await this.#request({
+      method: "POST",
+      path: "/pipelines",
+      body: pipeline,
+      signal: options.signal,
+    });
+    return this.#decode(PipelineSchema, reply, "POST", "/pipelines");
+  }
+
+  /**
+   * `GET /pipelines/{name}`. Not routed by the v0.6 server (404, plain text
+   * `Cannot GET …`); works against servers that implement swagger.json.
+   */
+  async getPipeline(name: string, options: RequestOptions = {}): Promise<Pipeline> {
+    const path = `/pipelines/${seg(name)}`;
+    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    return this.#decode(PipelineSchema, reply, "GET", path);
+  }
+
+  /**
+   * `PUT /pipelines/{name}`: replaces a pipeline; its `name` must equal
+   * `name` (400 otherwise). Not routed by the v0.6 server (404): there,
+   * {@link Client.createPipeline} overwrites a pipeline of the same name.
+   */
+  async updatePipeline(
+    name: string,
+    pipeline: Pipeline,
+    options: RequestOptions = {},
+  ): Promise<Pipeline> {
+    const path = `/pipelines/${seg(name)}`;
+    const reply = await this.#request({
+      method: "PUT",
+      path,
+      body: pipeline,
+      signal: options.signal,
+    });
+    return this.#decode(PipelineSchema, reply, "PUT", path);
+  }
+
+  /** `DELETE /pipelines/{name}`. Not routed by the v0.6 server (404). */
+  async deletePipeline(name: string, options: RequestOptions = {}): Promise<void> {
+    await this.#request({
+      method: "DELETE",
+      path: `/pipelines/${seg(name)}`,
+      signal: options.signal,
+    });
+  }
+
+  // --- logs ---------------------------------------------------------------
+
+  /**
+   * `GET /logs?runid=&driver=&pipeline=`: stored log lines, filtered. Lines
+   * without a pipeline come without `pipeline` (the server sends `""`).
+   *
+   * @example
+   * ```ts
+   * const lines = await api.listLogs({ runId, driver: "builder" });
+   * ```
+   */
+  async listLogs(options: ListLogsOptions = {}): Promise<LogEntry[]> {
+    const { runId, driver, pipeline, signal } = options;
+    const reply = await this.#request({
+      method: "GET",
+      path: "/logs",
+      query: { runid: runId, driver, pipeline },
+      signal,
+    });
+    return this.#decode(LogListSchema, reply, "GET", "/logs");
+  }
+
+  /**
+   * `POST /logs`: stores a log line. Lines stored this way are not pushed to
+   * open log streams (those carry what drivers publish to NATS); drivers log
+   * with `ctx.logger` instead.
+   */
+  async createLog(entry: LogEntry, options: RequestOptions = {}): Promise<void> {
+    await this.#request({ method: "POST", path: "/logs", body: entry, signal: options.signal });
+  }
+
+  /**
+   * `GET /logs/streams/{driver}/{runid}`: a driver's log lines of a run as
+   * they come, after the stored ones, until `signal` aborts or the loop is
+   * left. A dropped connection is resumed; the lines the server replays then
+   * are not yielded again (identical lines sent again on purpose are).
+   *
+   * @throws {ConveyorApiError} on a 4xx, or when the stream sends a line that
+   * is not a log entry (`status` 200).
+   * @example
+   * ```ts
+   * const ac = new AbortController();
+   * for await (const line of api.streamLogs({ runId, driver: "builder", signal: ac.signal })) {
+   *   console.log(line.timestamp, line.message);
+   *   if (line.message === "done") break;
+   * }
+   * ```
+   */
+  streamLogs(options: StreamLogsOptions): AsyncIterable<LogEntry> {
+    return this.#streamLogs(
+      `/logs/streams/${seg(options.driver)}/${seg(options.runId)}`,
+      options.signal,
+    );
+  }
+
+  /**
+   * `GET /logs/pipeline/{runid}`: every driver's log lines of a run, as
+   * {@link Client.streamLogs} does for one driver.
+   */
+  streamPipelineLogs(options: StreamPipelineLogsOptions): AsyncIterable<LogEntry> {
+    return this.#streamLogs(`/logs/pipeline/${seg(options.runId)}`, options.signal);
+  }
+
+  // --- drivers ------------------------------------------------------------
+
+  /**
+   * `POST /drivers/broadcast-message`: publishes a message to drivers. A
+   * non-string `payload` is sent as its JSON text, the form the server wants.
+   */
+  async broadcastMessage(
+    message: BroadcastMessage,
+    options: RequestOptions = {},
+  ): Promise<BroadcastResponse> {
+    const path = "/drivers/broadcast-message";
+    const { payload } = message;
+    const wire = {
+      ...message,
+      payload: typeof payload === "string" ? payload : JSON.stringify(payload),
+    };
+    const reply = await this.#request({ method: "POST", path, body: wire, signal: options.signal });
+    return this.#decode(BroadcastResponseSchema, reply, "POST", path);
+  }
+
+  // --- machinery ----------------------------------------------------------
+
+  #streamLogs(path: string, signal: AbortSignal | undefined): AsyncIterable<LogEntry> {
+    const events = readSse(this.baseUrl + path, {
+      fetch: this.#fetch,
+      headers: () => this.#headersFor(true),
+      signal,
+      connectTimeout: this.#streamConnectTimeout,
+      maxRetries: this.#streamMaxRetries,
+      initialDelay: this.#initialDelay,
+      maxDelay: this.#maxDelay,
+      key: logKey,
+    });
+    const decode = (data: string): LogEntry => {
+      let json: unknown;
+      try {
+        json = JSON.parse(data);
+      } catch (err) {
+        throw new ConveyorApiError({
+          status: 200,
+          error: `stream sent an event that is not JSON: ${data.slice(0, 200)}`,
+          method: "GET",
+          path,
+        }, { cause: err });
+      }
+      return this.#decode(ServerLogSchema, { status: 200, body: json }, "GET", path);
+    };
+    return {
+      async *[Symbol.asyncIterator]() {
+        for await (const ev of events) yield decode(ev.data);
+      },
+    };
+  }
+
+  async #headersFor(auth: boolean): Promise<Headers> {
+    const headers = new Headers(this.#headers);
+    if (!headers.has("Accept")) headers.set("Accept", "application/json");
+    if (auth && this.#auth) headers.set("Authorization", `Bearer ${await this.#auth.token()}`);
+    return headers;
+  }
+
+  /** Validates a 2xx body; a mismatch is the server's fault, reported as such. */
+  #decode<T>(schema: v.GenericSchema<unknown, T>, reply: Reply, method: string, path: string): T {
+    const parsed = v.safeParse(schema, reply.body);
+    if (parsed.success) return parsed.output;
+    const issues = parsed.issues.map((i) => {
+      const at = v.getDotPath(i);
+      return at ? `${at}: ${i.message}` : i.message;
+    });
+    throw new ConveyorApiError({
+      status: reply.status,
+      error: `unexpected response body: ${issues.join("; ")}`,
+      method,
+      path,
+    }, { cause: new v.ValiError(parsed.issues) });
+  }
+
+  /** Sends a request, retrying an idempotent one; resolves to the 2xx answer. */
+  async #request(call: Call): Promise<Reply> {
+    const attempts = IDEMPOTENT.has(call.method) ? this.#attempts : 1;
+    for (let attempt = 1;; attempt++) {
+      try {
+        return await this.#attempt(call);
+      } catch (err) {
+        if (call.signal?.aborted) throw call.signal.reason;
+        if (attempt >= attempts || !retryable(err)) throw err;
+        const asked = retryAfterOf.get(err as Error);
+        // The server wants more time than we are willing to wait: give up.
+        if (asked !== undefined && asked > this.#maxDelay) throw err;
+        const delay = Math.max(
+          asked ?? 0,
+          retryDelayFor(attempt, { retryDelay: this.#initialDelay, retryMaxDelay: this.#maxDelay }),
+        );
+        await sleep(delay, call.signal);
+      }
+    }
+  }
+
+  async #attempt(call: Call): Promise<Reply> {
+    const { method, signal } = call;
+    const url = new URL(this.baseUrl + call.path);
+    for (const [k, val] of Object.entries(call.query ?? {})) {
+      if (val !== undefined && val !== "") url.searchParams.set(k, val);
+    }
+    const path = call.path + url.search;
+    const headers = await this.#headersFor(call.auth ?? true);
+    let body: string | undefined;
+    if (call.body !== undefined) {
+      body = JSON.stringify(call.body);
+      // The server reads a body only when Content-Type ends in "json".
+      headers.set("Content-Type", "application/json");
+    }
+
+    signal?.throwIfAborted();
+    const ctl = new AbortController();
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      ctl.abort(new ApiTimeoutError({ method, path, timeout: this.#timeout }));
+    }, this.#timeout);
+    const onAbort = () => ctl.abort(signal?.reason);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let res: Response;
+    let text: string;
+    try {
+      res = await this.#fetch(url, { method, headers, body, signal: ctl.signal });
+      text = await res.text();
+    } catch (err) {
+      if (signal?.aborted) throw signal.reason;
+      if (timedOut) {
+        throw new ApiTimeoutError({ method, path, timeout: this.#timeout }, { cause: err });
+      }
+      throw new ApiNetworkError({ method, path }, { cause: err });
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+    }
+
+    if (!res.ok) {
+      const err = new ConveyorApiError({
+        status: res.status,
+        error: errorText(res, text),
+        method,
+        path,
+      });
+      const after = parseRetryAfter(res.headers.get("retry-after"));
+      if (after !== undefined) retryAfterOf.set(err, after);
+      throw err;
+    }
+    if (text.trim() === "") return { status: res.status, body: undefined };
+    try {
+      return { status: res.status, body: JSON.parse(text) };
+    } catch (err) {
+      // Text is fine where no body is expected (POST /logs answers "Created");
+      // elsewhere validation reports it.
+      if (!/json/i.test(res.headers.get("content-type") ?? "")) {
+        return { status: res.status, body: text };
+      }
+      throw new ConveyorApiError({
+        status: res.status,
+        error: `response is not valid JSON: ${text.slice(0, 200)}`,
+        method,
+        path,
+      }, { cause: err });
+    }
+  }
+}
+
+function retryable(err: unknown): boolean {
+  if (err instanceof ConveyorApiError) return RETRY_STATUS.has(err.status);
+  return err instanceof ApiNetworkError || err instanceof ApiTimeoutError;
+}

@@ -1,0 +1,644 @@
+import { describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, readFileSync } from "node:fs";
+import process from "node:process";
+import * as v from "valibot";
+import { Client, type ClientOptions, OPERATIONS, type TokenSource } from "./client.ts";
+import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
+import { startTestApiServer, type TestApiServer } from "./test_api_server.ts";
+import type { LogEntry, Pipeline, Resource } from "./types.ts";
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** The server's own swagger.json, read where it lives (never copied here). */
+function swaggerOperations(): string[] {
+  // From the repository root (Deno, Bun) or from npm/ (the Node build).
+  const candidates = [
+    new URL("../shared/conveyor/swagger.json", import.meta.url),
+    new URL("../../shared/conveyor/swagger.json", import.meta.url),
+  ];
+  const file = candidates.find((u) => existsSync(u));
+  if (!file) {
+    throw new Error(`swagger.json not found at ${candidates.map((u) => u.pathname).join(" or ")}`);
+  }
+  const swagger = JSON.parse(readFileSync(file, "utf8")) as {
+    paths: Record<string, Record<string, unknown>>;
+  };
+  const ops: string[] = [];
+  for (const [path, methods] of Object.entries(swagger.paths)) {
+    for (const method of Object.keys(methods)) ops.push(`${method.toUpperCase()} ${path}`);
+  }
+  assert.ok(ops.length >= 20, `swagger.json lists ${ops.length} operations`);
+  return ops.sort();
+}
+
+/** A TokenSource that hands out a new token each time, as a JWT signer does. */
+function counterAuth(): TokenSource & { calls: number } {
+  const auth = {
+    calls: 0,
+    token() {
+      auth.calls++;
+      return Promise.resolve(`tok-${auth.calls}`);
+    },
+  };
+  return auth;
+}
+
+function client(api: TestApiServer, options: ClientOptions = {}): Client {
+  return new Client({
+    baseUrl: api.url,
+    retry: { initialDelay: 10, maxDelay: 2_000 },
+    ...options,
+  });
+}
+
+async function rejection(p: Promise<unknown>): Promise<unknown> {
+  return await p.then(() => assert.fail("expected a rejection"), (err) => err);
+}
+
+function apiError(err: unknown): ConveyorApiError {
+  assert.ok(err instanceof ConveyorApiError, `expected a ConveyorApiError, got ${err}`);
+  return err;
+}
+
+const schema = {
+  type: "object",
+  properties: { image: { type: "string" } },
+  required: ["image"],
+};
+
+/** A definition and a pipeline for resources of type "app". */
+async function seed(c: Client): Promise<void> {
+  await c.createResourceDefinition({ name: "app", schema });
+  await c.createPipeline({
+    name: "ci",
+    resource: "app",
+    steps: [{ id: "1", name: "build", driver: "builder" }],
+  });
+}
+
+describe("Client: swagger.json coverage", () => {
+  it("OPERATIONS names an existing Client method for every swagger operation, and nothing else", () => {
+    const ops = swaggerOperations();
+    const missing = ops.filter((op) => !(op in OPERATIONS));
+    assert.deepEqual(missing, [], `operations without an entry in OPERATIONS: ${missing}`);
+    for (const op of ops) {
+      const name = OPERATIONS[op];
+      assert.equal(
+        typeof (Client.prototype as unknown as Record<string, unknown>)[name],
+        "function",
+        `OPERATIONS["${op}"] = "${name}" is not a Client method`,
+      );
+    }
+    const extra = Object.keys(OPERATIONS).filter((op) => !ops.includes(op));
+    assert.deepEqual(extra, [], `OPERATIONS entries not in swagger.json: ${extra}`);
+  });
+
+  it("calls every swagger operation, with a token on all but /health", async () => {
+    const auth = counterAuth();
+    await using api = await startTestApiServer({ auth: (t) => t.startsWith("tok-") });
+    const c = client(api, { auth, headers: { "User-Agent": "conveyor-test" } });
+
+    const health = await c.health();
+    assert.equal(health.status, "healthy");
+    assert.equal(typeof health.time, "number");
+
+    const def = await c.createResourceDefinition({ name: "app", description: "apps", schema });
+    assert.match(def.id, /^[0-9a-f-]{36}$/);
+    assert.deepEqual({ ...def, id: "" }, {
+      id: "",
+      name: "app",
+      description: "apps",
+      version: "",
+      schema,
+    });
+    const applied = await c.applyResourceDefinition({ name: "app", version: "2", schema });
+    assert.equal(applied.version, "2");
+    assert.equal((await c.getResourceDefinition("app")).version, "2");
+    const updatedDef = await c.updateResourceDefinition("app", {
+      name: "app",
+      version: "3",
+      schema,
+    });
+    assert.equal(updatedDef.version, "3");
+
+    const pipeline: Pipeline = {
+      name: "ci",
+      resource: "app",
+      steps: [{ id: "1", name: "build", driver: "builder" }],
+    };
+    const created = await c.createPipeline(pipeline);
+    assert.deepEqual(created.steps, pipeline.steps);
+    assert.equal(created.description, ""); // the Go server echoes every field
+    assert.equal(created.metadata, undefined); // null metadata is dropped
+    assert.equal((await c.getPipeline("ci")).resource, "app");
+    const updatedPipeline = await c.updatePipeline("ci", { ...pipeline, description: "CI" });
+    assert.equal(updatedPipeline.description, "CI");
+
+    const res = await c.createResource({
+      name: "web",
+      resource: "app",
+      pipeline: "ci",
+      spec: { image: "node:20" },
+    });
+    assert.equal(res.name, "web");
+    assert.equal(res.version, "1");
+    assert.match(res.runid, /^[0-9a-f-]{36}$/);
+    const list = await c.listResources("app");
+    assert.deepEqual(list.map((r) => r.name), ["web"]);
+    const web = await c.getResource("app", "web");
+    assert.deepEqual(web.spec, { image: "node:20" });
+    assert.equal(web.metadata.version, "1");
+    const v2 = await c.updateResource("app", "web", { ...web, spec: { image: "node:22" } });
+    assert.equal(v2.metadata.version, "2");
+    assert.deepEqual((await c.getResourceVersion("app", "web", 1)).spec, { image: "node:20" });
+    assert.deepEqual((await c.getResourceVersion("app", "web", "2")).spec, { image: "node:22" });
+
+    const runId = res.runid;
+    const entry: LogEntry = {
+      runid: runId,
+      driver: "builder",
+      timestamp: new Date().toISOString(),
+      message: "hello",
+    };
+    assert.equal(await c.createLog(entry), undefined);
+    assert.deepEqual(await c.listLogs({ runId }), [entry]);
+    for await (const l of c.streamLogs({ runId, driver: "builder" })) {
+      assert.deepEqual(l, entry);
+      break;
+    }
+    for await (const l of c.streamPipelineLogs({ runId })) {
+      assert.deepEqual(l, entry);
+      break;
+    }
+
+    const sent = await c.broadcastMessage({ event: "create", run_id: runId, payload: web });
+    assert.deepEqual(sent, { message: "message published" });
+    assert.deepEqual(JSON.parse(api.messages[0].payload as string), web);
+
+    await c.deleteResource("app", "web");
+    await c.deletePipeline("ci");
+    await c.deleteResourceDefinition("app");
+    assert.equal(api.resources.size + api.pipelines.size + api.definitions.size, 0);
+
+    // Every swagger operation reached the server at least once.
+    const called = new Set(api.requests.map((r) => r.operation));
+    const uncalled = swaggerOperations().filter((op) => !called.has(op));
+    assert.deepEqual(uncalled, [], `swagger operations never called: ${uncalled}`);
+
+    for (const r of api.requests) {
+      if (r.path === "/health") {
+        assert.equal(r.headers.authorization, undefined, "no token for /health");
+      } else {
+        assert.match(r.headers.authorization ?? "", /^Bearer tok-\d+$/, `${r.method} ${r.path}`);
+      }
+      assert.equal(r.headers["user-agent"], "conveyor-test");
+      if (r.body !== "") assert.equal(r.headers["content-type"], "application/json");
+      else assert.equal(r.headers["content-type"], undefined);
+    }
+    // A fresh token per request.
+    assert.equal(auth.calls, api.requests.length - 1);
+    // Trailing slashes as the Go client posts.
+    const posts = api.requests.filter((r) => r.method === "POST").map((r) => r.path);
+    assert.ok(posts.includes("/resources/"));
+    assert.ok(posts.includes("/resource-definitions/"));
+  });
+});
+
+describe("Client: requests", () => {
+  it("URL-encodes path parameters", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    for (const name of ["a b", "a/b", "a?b#c", "...", "ünï", "100%"]) {
+      await rejection(c.getResource("my type", name));
+      const req = api.requests.at(-1)!;
+      assert.equal(req.operation, "GET /resources/{type}/{name}", `name ${name}: ${req.path}`);
+      assert.equal(decodeURIComponent(req.path.split("/")[3]), name);
+      assert.equal(req.path.split("/")[2], "my%20type");
+    }
+    for (const name of ["", ".", ".."]) {
+      await assert.rejects(c.getResource("app", name), TypeError);
+    }
+    assert.throws(() => c.streamLogs({ runId: "", driver: "x" }), TypeError);
+  });
+
+  it("sends list filters as runid, driver and pipeline; drops the server's empty pipeline", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    const runId = crypto.randomUUID();
+    api.logs.push(
+      { runid: runId, driver: "a", timestamp: "1", message: "x", pipeline: "ci" },
+      { runid: runId, driver: "b", timestamp: "2", message: "y" },
+      { runid: "other", driver: "a", timestamp: "3", message: "z" },
+    );
+    assert.deepEqual((await c.listLogs({ runId, driver: "b" })).map((l) => l.message), ["y"]);
+    assert.deepEqual(api.requests.at(-1)!.query, { runid: runId, driver: "b" });
+    const all = await c.listLogs({ runId });
+    assert.deepEqual(all[1], { runid: runId, driver: "b", timestamp: "2", message: "y" });
+    assert.equal(all[0].pipeline, "ci");
+    assert.equal((await c.listLogs({ pipeline: "ci" })).length, 1);
+    assert.deepEqual(api.requests.at(-1)!.query, { pipeline: "ci" });
+    api.fail({ match: "GET /logs", status: 200, body: null });
+    assert.deepEqual(await c.listLogs(), []); // a Go nil slice
+  });
+
+  it("sends a broadcast payload given as a string unchanged", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    await c.broadcastMessage({ event: "ping", payload: '{"already":"json"}' });
+    assert.equal(api.messages[0].payload, '{"already":"json"}');
+    assert.equal(api.messages[0].event, "ping");
+  });
+
+  it("takes the base URL from CONVEYOR_API_URL, else localhost:8080, and keeps a path prefix", async () => {
+    const before = process.env.CONVEYOR_API_URL;
+    try {
+      delete process.env.CONVEYOR_API_URL;
+      assert.equal(new Client().baseUrl, "http://localhost:8080");
+      process.env.CONVEYOR_API_URL = "http://conveyor.internal:9000/";
+      assert.equal(new Client().baseUrl, "http://conveyor.internal:9000");
+      assert.equal(new Client({ baseUrl: "http://x:1" }).baseUrl, "http://x:1");
+    } finally {
+      if (before === undefined) delete process.env.CONVEYOR_API_URL;
+      else process.env.CONVEYOR_API_URL = before;
+    }
+    assert.throws(() => new Client({ baseUrl: "not a url" }), TypeError);
+
+    await using api = await startTestApiServer();
+    const seen: string[] = [];
+    const c = new Client({
+      baseUrl: `${api.url}/prefix/`,
+      fetch: (input, init) => {
+        seen.push(String(input));
+        return fetch(String(input).replace("/prefix", ""), init);
+      },
+    });
+    await c.health();
+    assert.deepEqual(seen, [`${api.url}/prefix/health`]);
+  });
+
+  it("the test server wants a JSON Content-Type, as the real one", async () => {
+    await using api = await startTestApiServer();
+    const res = await fetch(`${api.url}/resource-definitions/`, {
+      method: "POST",
+      body: JSON.stringify({ name: "app", schema }),
+      headers: { "Content-Type": "text/plain" },
+    });
+    assert.equal(res.status, 400);
+    assert.deepEqual(await res.json(), { error: "Invalid request payload" });
+    // The client sets it, so the same request passes.
+    await client(api).createResourceDefinition({ name: "app", schema });
+  });
+});
+
+describe("Client: errors", () => {
+  it("400 and 404 with JSON bodies: ConveyorApiError with the server's error text", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    const e400 = apiError(await rejection(c.createResource({ name: "web", resource: "" })));
+    assert.equal(e400.status, 400);
+    assert.equal(e400.error, "Resource type is required");
+    assert.equal(e400.method, "POST");
+    assert.equal(e400.path, "/resources/");
+    assert.equal(e400.message, "POST /resources/ failed with 400: Resource type is required");
+
+    const e404 = apiError(await rejection(c.createResource({ name: "web", resource: "nope" })));
+    assert.equal(e404.status, 404);
+    assert.equal(e404.error, "Resource definition for type nope not found");
+    assert.equal(api.requests.length, 2);
+  });
+
+  it("a missing resource is a 500 (as on the v0.6 server), not retried", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    const err = apiError(await rejection(c.getResource("app", "ghost")));
+    assert.equal(err.status, 500);
+    assert.equal(err.error, "Failed to find resource: resource not found");
+    assert.equal(err.path, "/resources/app/ghost");
+    assert.equal(api.requests.length, 1);
+  });
+
+  it("plain-text error bodies: 404 of an unrouted path on the v0.6 server, 500, 400", async () => {
+    await using api = await startTestApiServer({ routing: "v0.6" });
+    const c = client(api);
+    for (const call of [() => c.listResources("app"), () => c.getPipeline("ci")]) {
+      const err = apiError(await rejection(call()));
+      assert.equal(err.status, 404);
+      assert.match(err.error, /^Cannot GET \/(resources\/app|pipelines\/ci)$/);
+    }
+    api.fail({ status: 500, body: "Error getting logs\n" });
+    const e500 = apiError(await rejection(c.listLogs()));
+    assert.equal(e500.status, 500);
+    assert.equal(e500.error, "Error getting logs");
+    api.fail({ status: 400, body: "" });
+    assert.equal(apiError(await rejection(c.createLog({} as LogEntry))).error, "Bad Request");
+  });
+
+  it("401 from the server when the token is refused", async () => {
+    await using api = await startTestApiServer({ auth: (t) => t === "good" });
+    const bad = client(api, { auth: { token: () => Promise.resolve("bad") } });
+    const err = apiError(await rejection(bad.getResourceDefinition("app")));
+    assert.equal(err.status, 401);
+    assert.equal(err.error, "invalid token");
+    const none = apiError(await rejection(client(api).getResourceDefinition("app")));
+    assert.equal(none.error, "missing Authorization header");
+    assert.equal(api.requests.length, 2, "401 is not retried");
+    // /health needs no token.
+    assert.equal((await client(api).health()).status, "healthy");
+  });
+
+  it("a token source that fails rejects the call, without a request", async () => {
+    await using api = await startTestApiServer();
+    const boom = new Error("cannot sign");
+    const c = client(api, { auth: { token: () => Promise.reject(boom) } });
+    assert.equal(await rejection(c.getResource("app", "web")), boom);
+    assert.equal(api.requests.length, 0);
+  });
+
+  it("a 2xx body of the wrong shape: ConveyorApiError naming the problem", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    api.fail({ match: "GET /resources/{type}/{name}", status: 200, body: { name: 5 } });
+    const err = apiError(await rejection(c.getResource("app", "web")));
+    assert.equal(err.status, 200);
+    assert.match(err.error, /^unexpected response body: /);
+    assert.match(err.error, /name/);
+    assert.ok(err.cause instanceof v.ValiError);
+
+    api.fail({ status: 200, body: "<html>proxy login</html>" });
+    assert.match(apiError(await rejection(c.listLogs())).error, /unexpected response body/);
+
+    api.fail({ status: 201, body: "{not json", headers: { "content-type": "application/json" } });
+    const bad = apiError(
+      await rejection(c.createPipeline({ name: "x", resource: "y", steps: [] })),
+    );
+    assert.equal(bad.status, 201);
+    assert.match(bad.error, /not valid JSON/);
+  });
+
+  it("a dropped connection: ApiNetworkError with the cause", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { retry: { attempts: 1 } });
+    api.fail({ drop: true });
+    const err = await rejection(c.health());
+    assert.ok(err instanceof ApiNetworkError, String(err));
+    assert.equal(err.method, "GET");
+    assert.equal(err.path, "/health");
+    assert.ok(err.cause !== undefined);
+  });
+
+  it("no answer within timeout: ApiTimeoutError", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { timeout: 100, retry: { attempts: 1 } });
+    api.fail({ delay: 1_000 });
+    const started = Date.now();
+    const err = await rejection(c.getResource("app", "web"));
+    assert.ok(err instanceof ApiTimeoutError, String(err));
+    assert.equal(err.timeout, 100);
+    assert.equal(err.path, "/resources/app/web");
+    assert.ok(Date.now() - started < 900);
+  });
+});
+
+describe("Client: aborts", () => {
+  it("rejects with the signal's reason, during the request and before it, without retrying", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    api.fail({ delay: 2_000, times: 5 });
+    const ac = new AbortController();
+    const p = c.getResource("app", "web", { signal: ac.signal });
+    await sleep(100);
+    ac.abort();
+    assert.equal((await rejection(p) as Error).name, "AbortError");
+    assert.equal(api.requests.length, 1);
+
+    const reason = new Error("user cancelled");
+    assert.equal(await rejection(c.health({ signal: AbortSignal.abort(reason) })), reason);
+    assert.equal(api.requests.length, 1, "no request with an aborted signal");
+  });
+
+  it("aborts during the delay between retries", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { retry: { initialDelay: 60_000, maxDelay: 60_000 } });
+    api.fail({ status: 503, body: { error: "busy" } });
+    const ac = new AbortController();
+    const p = c.getResource("app", "web", { signal: ac.signal });
+    while (api.requests.length === 0) await sleep(5);
+    await sleep(50);
+    ac.abort();
+    assert.equal((await rejection(p) as Error).name, "AbortError");
+    assert.equal(api.requests.length, 1);
+  });
+});
+
+describe("Client: retries", () => {
+  it("retries GET, PUT and DELETE on 429, 502, 503, 504, network errors and timeouts", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { timeout: 200 });
+    await seed(c);
+    await c.createResource({ name: "web", resource: "app", spec: { image: "a" } });
+    const first = api.requests.length;
+
+    api.fail({ match: "GET /resources/{type}/{name}", status: 502, body: "Bad Gateway" });
+    api.fail({ match: "GET /resources/{type}/{name}", status: 504, body: { error: "timeout" } });
+    const web: Resource = await c.getResource("app", "web");
+    assert.equal(web.name, "web");
+
+    api.fail({ match: "PUT /resources/{type}/{name}", drop: true });
+    api.fail({ match: "PUT /resources/{type}/{name}", delay: 1_000 });
+    await c.updateResource("app", "web", { ...web, spec: { image: "b" } });
+
+    api.fail({ match: "DELETE /resources/{type}/{name}", status: 429, body: "slow down" });
+    await c.deleteResource("app", "web");
+
+    const ops = api.requests.slice(first).map((r) => r.operation);
+    assert.deepEqual(ops, [
+      "GET /resources/{type}/{name}",
+      "GET /resources/{type}/{name}",
+      "GET /resources/{type}/{name}",
+      "PUT /resources/{type}/{name}",
+      "PUT /resources/{type}/{name}",
+      "PUT /resources/{type}/{name}",
+      "DELETE /resources/{type}/{name}",
+      "DELETE /resources/{type}/{name}",
+    ]);
+  });
+
+  it("stops after `attempts` and throws the last error", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { retry: { attempts: 3, initialDelay: 1 } });
+    api.fail({ status: 503, body: { error: "still busy" }, times: 5 });
+    const err = apiError(await rejection(c.health()));
+    assert.equal(err.status, 503);
+    assert.equal(err.error, "still busy");
+    assert.equal(api.requests.length, 3);
+  });
+
+  it("honours Retry-After in seconds and as an HTTP date", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    api.fail({ status: 503, body: { error: "busy" }, headers: { "Retry-After": "1" } });
+    let started = Date.now();
+    await c.health();
+    assert.ok(Date.now() - started >= 950, `waited ${Date.now() - started} ms`);
+    assert.equal(api.requests.length, 2);
+
+    // HTTP dates have whole seconds: at least 1 s, at most 2 s ahead.
+    const date = new Date(Math.ceil(Date.now() / 1000) * 1000 + 1000).toUTCString();
+    api.fail({ status: 429, body: "slow down", headers: { "Retry-After": date } });
+    started = Date.now();
+    await c.health();
+    assert.ok(Date.now() - started >= 500, `waited ${Date.now() - started} ms`);
+    assert.equal(api.requests.length, 4);
+  });
+
+  it("gives up at once when Retry-After asks for more than maxDelay", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { retry: { maxDelay: 1_000 } });
+    api.fail({ status: 503, body: { error: "maintenance" }, headers: { "Retry-After": "3600" } });
+    const started = Date.now();
+    const err = apiError(await rejection(c.health()));
+    assert.equal(err.status, 503);
+    assert.equal(api.requests.length, 1);
+    assert.ok(Date.now() - started < 500);
+  });
+
+  it("never retries a POST: not on 503, nor on a dropped connection, nor on a timeout", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { timeout: 100 });
+    await seed(c);
+    const before = api.requests.length;
+    const spec = { image: "x" };
+    api.fail({ match: "POST /resources", status: 503, body: { error: "busy" } });
+    assert.equal(
+      apiError(await rejection(c.createResource({ name: "a", resource: "app", spec }))).status,
+      503,
+    );
+    api.fail({ match: "POST /resources", drop: true });
+    assert.ok(
+      await rejection(c.createResource({ name: "a", resource: "app", spec })) instanceof
+        ApiNetworkError,
+    );
+    api.fail({ match: "POST /resources", delay: 500 });
+    assert.ok(
+      await rejection(c.createResource({ name: "a", resource: "app", spec })) instanceof
+        ApiTimeoutError,
+    );
+    api.fail({ match: "POST /logs", status: 429, body: "slow down" });
+    await rejection(c.createLog({ runid: "r", driver: "d", timestamp: "t", message: "m" }));
+    assert.equal(api.requests.length - before, 4);
+  });
+});
+
+describe("Client: log streams", () => {
+  it("streams a driver's lines; the request timeout does not cut the stream", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { timeout: 50 });
+    const runId = crypto.randomUUID();
+    api.sse.heartbeatFirst = true;
+    const got: string[] = [];
+    const done = (async () => {
+      for await (const l of c.streamLogs({ runId, driver: "builder" })) {
+        got.push(l.message);
+        if (got.length === 2) break;
+      }
+    })();
+    await api.waitForStreams(1);
+    await sleep(300); // six request timeouts
+    api.pushLog({ runid: runId, driver: "other", timestamp: "1", message: "not mine" });
+    api.pushLog({ runid: runId, driver: "builder", timestamp: "2", message: "one" });
+    api.pushLog({ runid: runId, driver: "builder", timestamp: "3", message: "two" });
+    await done;
+    assert.deepEqual(got, ["one", "two"]);
+    await waitFor(() => api.openStreams === 0); // `break` closed the connection
+    assert.equal(api.requests.length, 1);
+    assert.equal(api.requests[0].path, `/logs/streams/builder/${runId}`);
+  });
+
+  it("resumes a dropped pipeline stream without repeating replayed lines, with a new token", async () => {
+    const auth = counterAuth();
+    await using api = await startTestApiServer({ auth: (t) => t.startsWith("tok-") });
+    const c = client(api, { auth });
+    const runId = crypto.randomUUID();
+    // Stored: the replay sends them as the Go server marshals them (other
+    // field order, "pipeline": ""), unlike the live JSON below.
+    api.logs.push(
+      { runid: runId, driver: "a", timestamp: "1", message: "same" },
+      { runid: runId, driver: "b", timestamp: "1", message: "same" },
+    );
+    api.sse.dropAfter.push(3);
+    const got: LogEntry[] = [];
+    const ac = new AbortController();
+    const done = (async () => {
+      for await (const l of c.streamPipelineLogs({ runId, signal: ac.signal })) {
+        got.push(l);
+        if (got.length === 2) {
+          // The live line in field order of a driver: message first.
+          api.pushLog(
+            JSON.parse(`{"message":"live","timestamp":"2","driver":"a","runid":"${runId}"}`),
+          );
+        }
+        if (got.length === 4) ac.abort();
+      }
+    })();
+    await api.waitForStreams(1);
+    await waitFor(() => api.requests.length === 2);
+    await api.waitForStreams(1);
+    api.pushLog({ runid: runId, driver: "a", timestamp: "1", message: "same" }); // a true repeat
+    await assert.rejects(done, { name: "AbortError" });
+    assert.deepEqual(got.map((l) => `${l.driver}:${l.message}`), [
+      "a:same",
+      "b:same",
+      "a:live",
+      "a:same",
+    ]);
+    assert.ok(got.every((l) => !("pipeline" in l)));
+    assert.deepEqual(api.requests.map((r) => r.headers.authorization), [
+      "Bearer tok-1",
+      "Bearer tok-2",
+    ]);
+  });
+
+  it("a stream line that is not a log entry: ConveyorApiError", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    const runId = crypto.randomUUID();
+    api.sse.heartbeatFirst = true;
+    const done = rejection((async () => {
+      for await (const _ of c.streamPipelineLogs({ runId })) { /* none expected */ }
+    })());
+    await api.waitForStreams(1);
+    api.sseWrite('data: {"runid":"x","message":3}\n\n');
+    const err = apiError(await done);
+    assert.equal(err.status, 200);
+    assert.match(err.error, /unexpected response body/);
+    await waitFor(() => api.openStreams === 0);
+
+    const notJson = rejection((async () => {
+      for await (const _ of c.streamPipelineLogs({ runId })) { /* none expected */ }
+    })());
+    await api.waitForStreams(1);
+    api.sseWrite("data: hello\n\n");
+    assert.match(apiError(await notJson).error, /not JSON/);
+  });
+
+  it("a 4xx on connect rejects the iteration", async () => {
+    await using api = await startTestApiServer({ auth: () => false });
+    const c = client(api, { auth: counterAuth() });
+    const err = apiError(
+      await rejection((async () => {
+        for await (const _ of c.streamLogs({ runId: "r", driver: "d" })) { /* none */ }
+      })()),
+    );
+    assert.equal(err.status, 401);
+    assert.equal(api.requests.length, 1);
+  });
+});
+
+async function waitFor(check: () => boolean, timeout = 10_000): Promise<void> {
+  const end = Date.now() + timeout;
+  while (!check()) {
+    if (Date.now() > end) throw new Error("timed out");
+    await sleep(5);
+  }
+}

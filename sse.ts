@@ -1,0 +1,316 @@
+/**
+ * A small Server-Sent Events reader over `fetch`, for long-lived streams such
+ * as Conveyor's log streams: it reconnects when the connection drops, asks
+ * for fresh headers on every connect (so a renewed token is used), and can
+ * drop the events a server replays after a reconnect.
+ *
+ * @module
+ */
+import { createParser } from "eventsource-parser";
+import { ApiNetworkError, ApiTimeoutError, ConveyorApiError, ConveyorError } from "./errors.ts";
+import { retryDelayFor } from "./options.ts";
+
+/** One Server-Sent Event. Comments (`: heartbeat`) are not events. */
+export interface SseEvent {
+  /** The event's data; several `data:` lines are joined with `\n`. */
+  data: string;
+  /** The `event:` field, when the server sent one. */
+  event?: string;
+  /** The `id:` field of the event's block, when the server sent one. */
+  id?: string;
+}
+
+/** What {@link SseOptions.onReconnect} is told before each reconnect. */
+export interface SseReconnectInfo {
+  /** Consecutive attempts without an event so far, 1 for the first reconnect. */
+  attempt: number;
+  /** How long the reader waits before reconnecting, in ms. */
+  delay: number;
+  /** Why the previous connection ended or failed. */
+  error: unknown;
+}
+
+/** Options of {@link readSse}. */
+export interface SseOptions {
+  /** A `fetch`-compatible function to use. @default globalThis.fetch */
+  fetch?: (input: URL, init: RequestInit) => Promise<Response>;
+  /**
+   * Request headers, asked for again before every (re)connect, so that a
+   * short-lived token is renewed. `Accept`, `Cache-Control` and
+   * `Last-Event-ID` are set by the reader.
+   */
+  headers?: () => RequestInit["headers"] | Promise<RequestInit["headers"]>;
+  /** Aborting it closes the stream; the iteration then rejects with its reason. */
+  signal?: AbortSignal;
+  /**
+   * How long to wait for the response headers of one connect, in ms. Some
+   * servers (Conveyor's among them) send headers only with the first event or
+   * heartbeat, so keep this above their heartbeat interval. There is no idle
+   * timeout once connected.
+   * @default 30_000
+   */
+  connectTimeout?: number;
+  /**
+   * Identity of an event's data, to drop what a server replays after a
+   * reconnect. The reader counts how many events of each key it has yielded;
+   * on a new connection it yields an event only once that connection has sent
+   * more events of its key than were yielded before, so lines repeated on
+   * purpose still come through. Without `key`, nothing is dropped. The
+   * counts live as long as the iteration: one entry per distinct key.
+   */
+  key?: (data: string) => string;
+  /**
+   * How many consecutive attempts may fail before the iteration rejects with
+   * the last error. An attempt fails when it cannot connect, gets a 5xx, 408
+   * or 429, or its stream ends before a single event or comment arrived; any
+   * event or comment resets the count. `Infinity` retries for as long as the
+   * signal allows.
+   * @default 10
+   */
+  maxRetries?: number;
+  /**
+   * Delay before the first reconnect, in ms, doubled on each further failed
+   * attempt (±20% jitter). A `retry:` field from the server replaces it.
+   * @default 250
+   */
+  initialDelay?: number;
+  /** Upper bound of the reconnect delay, in ms (a larger server `retry:` wins). @default 5_000 */
+  maxDelay?: number;
+  /** Called before each reconnect, e.g. to log it. */
+  onReconnect?: (info: SseReconnectInfo) => void;
+}
+
+/** Statuses worth another connect; other 4xx are the request's fault. */
+const RETRY_STATUS = new Set([408, 429, 500, 502, 503, 504]);
+
+/**
+ * Reads a Server-Sent Events stream with `GET url`. The connection opens when
+ * the iteration starts; leaving the loop (`break`, `return`, a throw) or
+ * aborting `options.signal` closes it. Each iteration of the returned
+ * iterable opens a stream of its own.
+ *
+ * Dropped connections are resumed (see {@link SseOptions}): with
+ * `Last-Event-ID` when the server sent ids, and without duplicates when a
+ * `key` is given. A response that is not 2xx rejects with a
+ * `ConveyorApiError`; 408, 429 and 5xx are retried first.
+ *
+ * @throws {ConveyorApiError} on a non-2xx answer that is not retried (or no
+ * longer), or a 2xx answer that is not `text/event-stream`.
+ * @throws {ApiNetworkError} when the connection failed or dropped `maxRetries + 1` times in a row.
+ * @throws {ApiTimeoutError} when the last attempt got no response headers within `connectTimeout`.
+ * @example
+ * ```ts
+ * import { readSse } from "@conveyor/driver";
+ * const ac = new AbortController();
+ * for await (const ev of readSse("http://localhost:8080/logs/pipeline/0b7e…", { signal: ac.signal })) {
+ *   console.log(ev.data);
+ * }
+ * ```
+ */
+export function readSse(url: string | URL, options: SseOptions = {}): AsyncIterable<SseEvent> {
+  return { [Symbol.asyncIterator]: () => stream(new URL(url), options) };
+}
+
+async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, undefined> {
+  const doFetch = o.fetch ?? ((input, init) => fetch(input, init));
+  const connectTimeout = o.connectTimeout ?? 30_000;
+  const maxRetries = o.maxRetries ?? 10;
+  const initialDelay = o.initialDelay ?? 250;
+  const maxDelay = o.maxDelay ?? 5_000;
+  const signal = o.signal;
+  const path = url.pathname;
+  const where = { method: "GET", path };
+  // Events yielded so far, by key, across connections.
+  const yielded = new Map<string, number>();
+  let lastId: string | undefined;
+  let serverRetry: number | undefined;
+  let failures = 0;
+
+  while (true) {
+    signal?.throwIfAborted();
+    // Asked for outside the error handling below: a token that cannot be
+    // made is not a connection problem, and retrying would not help.
+    const headers = new Headers(await o.headers?.());
+    headers.set("Accept", "text/event-stream");
+    headers.set("Cache-Control", "no-cache");
+    if (lastId !== undefined) headers.set("Last-Event-ID", lastId);
+
+    const conn = new AbortController();
+    let reader: ReadableStreamDefaultReader<Uint8Array> | undefined;
+    const onAbort = () => {
+      conn.abort(signal?.reason);
+      reader?.cancel(signal?.reason).catch(() => {});
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let progress = false;
+    let retryAfter: number | undefined;
+    let error: unknown;
+    try {
+      let timedOut = false;
+      const timer = setTimeout(() => {
+        timedOut = true;
+        conn.abort(new ApiTimeoutError({ ...where, timeout: connectTimeout }));
+      }, connectTimeout);
+      let res: Response;
+      try {
+        res = await doFetch(url, { headers, signal: conn.signal });
+      } catch (err) {
+        if (signal?.aborted) throw signal.reason;
+        throw timedOut
+          ? new ApiTimeoutError({ ...where, timeout: connectTimeout }, { cause: err })
+          : new ApiNetworkError(where, { cause: err });
+      } finally {
+        clearTimeout(timer);
+      }
+      if (!res.ok) {
+        retryAfter = parseRetryAfter(res.headers.get("retry-after"));
+        const text = await res.text().catch(() => "");
+        const apiError = new ConveyorApiError({
+          status: res.status,
+          error: errorText(res, text),
+          ...where,
+        });
+        if (!RETRY_STATUS.has(res.status)) throw new Fatal(apiError);
+        throw apiError;
+      }
+      const type = res.headers.get("content-type");
+      if (type !== null && !/^text\/event-stream\b/i.test(type)) {
+        await res.body?.cancel().catch(() => {});
+        throw new Fatal(
+          new ConveyorApiError({
+            status: res.status,
+            error: `expected a text/event-stream response, got ${type}`,
+            ...where,
+          }),
+        );
+      }
+      if (!res.body) throw new ApiNetworkError(where, { cause: new Error("response has no body") });
+      reader = res.body.getReader();
+
+      const seen = new Map<string, number>(); // events of this connection, by key
+      const queue: SseEvent[] = [];
+      const parser = createParser({
+        onEvent(ev) {
+          const out: SseEvent = { data: ev.data };
+          if (ev.event !== undefined) out.event = ev.event;
+          if (ev.id !== undefined) out.id = ev.id;
+          queue.push(out);
+        },
+        onId(id) {
+          lastId = id;
+        },
+        onRetry(ms) {
+          serverRetry = ms;
+        },
+        onComment() {
+          progress = true;
+        },
+      });
+      const decoder = new TextDecoder();
+      while (true) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        parser.feed(decoder.decode(value, { stream: true }));
+        while (queue.length > 0) {
+          const ev = queue.shift()!;
+          progress = true;
+          if (o.key) {
+            let k: string;
+            try {
+              k = o.key(ev.data);
+            } catch (err) {
+              throw new Fatal(err); // a bug in `key`, not a connection problem
+            }
+            const n = (seen.get(k) ?? 0) + 1;
+            seen.set(k, n);
+            if (n <= (yielded.get(k) ?? 0)) continue; // replayed
+            yielded.set(k, n);
+          }
+          yield ev;
+        }
+        if (progress) failures = 0;
+      }
+      // An incomplete event at the end is dropped (as the SSE spec says): a
+      // replaying server sends it again, and otherwise it is lost anyway.
+      signal?.throwIfAborted();
+      error = new ApiNetworkError(where, { cause: new Error("the server closed the stream") });
+    } catch (err) {
+      if (signal?.aborted) throw signal.reason;
+      if (err instanceof Fatal) throw err.error;
+      error = err instanceof ConveyorError ? err : new ApiNetworkError(where, { cause: err });
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      // Closes the connection when the loop ended early (break, throw) or the
+      // stream failed; harmless once it ended.
+      conn.abort();
+      reader?.cancel().catch(() => {});
+    }
+
+    if (progress) failures = 0;
+    failures++;
+    if (failures > maxRetries) throw error;
+    const base = serverRetry ?? initialDelay;
+    let delay = retryDelayFor(failures, {
+      retryDelay: base,
+      retryMaxDelay: Math.max(maxDelay, base),
+    });
+    if (retryAfter !== undefined) delay = Math.max(delay, retryAfter);
+    o.onReconnect?.({ attempt: failures, delay, error });
+    await sleep(delay, signal);
+  }
+}
+
+/** Wraps an error that must end the iteration without a reconnect. */
+class Fatal {
+  constructor(readonly error: unknown) {}
+}
+
+/**
+ * The server's error text from an error response: the `error` (or `message`)
+ * field of a JSON body, else the body as text, else the status text.
+ */
+export function errorText(res: Response, body: string): string {
+  const text = body.trim();
+  if (text.startsWith("{")) {
+    try {
+      const json = JSON.parse(text) as Record<string, unknown>;
+      const msg = json.error ?? json.message;
+      if (typeof msg === "string" && msg !== "") return msg;
+    } catch {
+      // not JSON after all: use the text
+    }
+  }
+  return text || res.statusText || `HTTP ${res.status}`;
+}
+
+/**
+ * Milliseconds a `Retry-After` header asks to wait: delta-seconds or an HTTP
+ * date; undefined when absent or unreadable.
+ */
+export function parseRetryAfter(
+  value: string | null,
+  now: number = Date.now(),
+): number | undefined {
+  if (value === null) return undefined;
+  const text = value.trim();
+  if (/^\d+$/.test(text)) return Number(text) * 1_000;
+  const date = Date.parse(text);
+  return Number.isNaN(date) ? undefined : Math.max(0, date - now);
+}
+
+/** Resolves after `ms`, or rejects with the signal's reason when it aborts first. */
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    function done() {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }
+    function onAbort() {
+      clearTimeout(timer);
+      reject(signal!.reason);
+    }
+  });
+}
