@@ -7,6 +7,7 @@ import { createConveyorStreams, publishEvent, readStream, startNatsServer } from
 import type { NatsServer } from "./testing.ts";
 import { makeTestPki, type TestPki } from "./test_pki.ts";
 import { waitFor } from "./test_util.ts";
+import { startTestApiServer } from "./test_api_server.ts";
 
 const quiet = { handleSignals: false, configureLogging: false } as const;
 
@@ -83,6 +84,45 @@ describe("NATS with mutual TLS", () => {
       resources: ["image"],
       reconcile() {},
     }, { servers: server.url, ...quiet, auth: identity });
+  });
+
+  it("gives reconcile a ctx.client for CONVEYOR_API_URL that signs with the same identity", async () => {
+    const leaf = pki.leaves.p256;
+    const identity = await createIdentity({
+      cert: leaf.cert.pem,
+      key: leaf.keys.traditional.pem,
+      ca: pki.ca.cert.pem,
+    });
+    // The test API accepts only tokens carrying this leaf in x5c.
+    await using api = await startTestApiServer({
+      auth: (token) => {
+        const header = JSON.parse(atob(token.split(".")[0].replace(/-/g, "+").replace(/_/g, "/")));
+        return header.x5c?.[0] === identity.chain[0];
+      },
+    });
+    const saved = process.env.CONVEYOR_API_URL;
+    process.env.CONVEYOR_API_URL = api.url;
+    const answers: unknown[] = [];
+    try {
+      await using _d = await startDriver({
+        name: "api-user",
+        resources: ["pipeline"],
+        async reconcile({ client, runId }) {
+          assert.ok(client, "ctx.client is set");
+          answers.push(await client.listLogs({ runId }));
+          return { success: true, message: "asked the API" };
+        },
+      }, { servers: server.url, ...quiet, auth: identity });
+      const e = await publishEvent(nc, { resource: "pipeline", name: "web" });
+      await waitFor(() => answers.length === 1, "the reconcile's API call");
+      const call = api.requests.find((r) => r.path.startsWith("/logs"))!;
+      assert.equal(call.query.runid, e.message.run_id);
+      assert.match(String(call.headers.authorization), /^Bearer [\w-]+\.[\w-]+\.[\w-]+$/);
+      assert.deepEqual(answers[0], []);
+    } finally {
+      if (saved === undefined) delete process.env.CONVEYOR_API_URL;
+      else process.env.CONVEYOR_API_URL = saved;
+    }
   });
 
   it("reads the identity from CONVEYOR_CERT_FILE, CONVEYOR_KEY_FILE and CONVEYOR_CA_FILE", async () => {
