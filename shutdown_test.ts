@@ -12,6 +12,32 @@ const quiet = { handleSignals: false, configureLogging: false } as const;
 const results = async (env: Env): Promise<any[]> =>
   (await readStream(env.nc, "pipeline-engine")).map((m) => m.json);
 
+/** Runs testdata/slow_driver in its own process, on the runtime running the tests. */
+function spawnDriver(env: Env, name: string, jobMs: number) {
+  const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
+  const file = new URL(`./testdata/slow_driver.${ext}`, import.meta.url).pathname;
+  const [cmd, args] = "Deno" in globalThis
+    ? [process.execPath, ["run", "-A", file]]
+    : "Bun" in globalThis
+    ? [process.execPath, ["run", file]]
+    : [process.execPath, [file]];
+  const child = spawn(cmd, args, {
+    env: { ...process.env, NATS_URL: env.url, DRIVER_NAME: name, JOB_MS: String(jobMs) },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const proc = {
+    out: "",
+    exited: new Promise<number | null>((r) => child.on("exit", (code) => r(code))),
+    ready: () => waitFor(() => proc.out.includes("ready"), "driver process ready", 30_000),
+    // process.kill, not child.kill: Deno's ChildProcess reports any child it
+    // was asked to kill as ended by that signal, whatever its exit code.
+    kill: (signal: "SIGTERM" | "SIGINT") =>
+      process.kill(Number(/ready (\d+)/.exec(proc.out)![1]), signal),
+  };
+  child.stdout!.on("data", (c: Uint8Array) => (proc.out += new TextDecoder().decode(c)));
+  return proc;
+}
+
 describe("graceful shutdown", () => {
   it("on options.signal: stops pulling, finishes the job in flight, reports it, then resolves", async () => {
     await using env = await conveyorEnv();
@@ -94,31 +120,16 @@ describe("graceful shutdown", () => {
   for (const signal of ["SIGTERM", "SIGINT"] as const) {
     it(`on ${signal} mid-job: publishes the job's result, exits 0, loses no event`, async () => {
       await using env = await conveyorEnv();
-      const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
-      const file = new URL(`./testdata/slow_driver.${ext}`, import.meta.url).pathname;
-      const [cmd, args] = "Deno" in globalThis
-        ? [process.execPath, ["run", "-A", file]]
-        : "Bun" in globalThis
-        ? [process.execPath, ["run", file]]
-        : [process.execPath, [file]];
-      const child = spawn(cmd, args, {
-        env: { ...process.env, NATS_URL: env.url, DRIVER_NAME: signal, JOB_MS: "1500" },
-        stdio: ["ignore", "pipe", "inherit"],
-      });
-      let out = "";
-      child.stdout!.on("data", (c: Uint8Array) => (out += new TextDecoder().decode(c)));
-      const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
-      await waitFor(() => out.includes("ready"), "driver process ready", 30_000);
+      const driver = spawnDriver(env, signal, 1_500);
+      await driver.ready();
       const names = ["one", "two", "three"];
       for (const name of names) await publishEvent(env.nc, { resource: "pipeline", name });
-      await waitFor(() => out.includes("started one"), "job started");
-      // process.kill, not child.kill: Deno's ChildProcess reports any child it
-      // was asked to kill as ended by that signal, whatever its exit code.
-      process.kill(Number(/ready (\d+)/.exec(out)![1]), signal);
-      const code = await exited;
-      assert.equal(code, 0, `exit code (stdout: ${out})`);
-      assert.match(out, /finished one/);
-      assert.match(out, /closed/);
+      await waitFor(() => driver.out.includes("started one"), "job started");
+      driver.kill(signal);
+      const code = await driver.exited;
+      assert.equal(code, 0, `exit code (stdout: ${driver.out})`);
+      assert.match(driver.out, /finished one/);
+      assert.match(driver.out, /closed/);
       const r = await results(env);
       assert.equal(r.length, 1);
       assert.equal(r[0].driverresult.message, "built one");
@@ -143,30 +154,16 @@ describe("graceful shutdown", () => {
 
   it("on a second SIGTERM stops waiting, hands the job back and still exits 0", async () => {
     await using env = await conveyorEnv();
-    const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
-    const file = new URL(`./testdata/slow_driver.${ext}`, import.meta.url).pathname;
-    const [cmd, args] = "Deno" in globalThis
-      ? [process.execPath, ["run", "-A", file]]
-      : "Bun" in globalThis
-      ? [process.execPath, ["run", file]]
-      : [process.execPath, [file]];
-    const child = spawn(cmd, args, {
-      // A job far longer than the test, that ignores ctx.signal.
-      env: { ...process.env, NATS_URL: env.url, DRIVER_NAME: "impatient", JOB_MS: "60000" },
-      stdio: ["ignore", "pipe", "inherit"],
-    });
-    let out = "";
-    child.stdout!.on("data", (c: Uint8Array) => (out += new TextDecoder().decode(c)));
-    const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
-    await waitFor(() => out.includes("ready"), "driver process ready", 30_000);
+    // A job far longer than the test, that ignores ctx.signal.
+    const driver = spawnDriver(env, "impatient", 60_000);
+    await driver.ready();
     const e = await publishEvent(env.nc, { resource: "pipeline", name: "forever" });
-    await waitFor(() => out.includes("started forever"), "job started");
-    const pid = Number(/ready (\d+)/.exec(out)![1]);
-    process.kill(pid, "SIGTERM");
+    await waitFor(() => driver.out.includes("started forever"), "job started");
+    driver.kill("SIGTERM");
     await sleep(300);
-    process.kill(pid, "SIGTERM");
-    assert.equal(await exited, 0, `exit code (stdout: ${out})`);
-    assert.doesNotMatch(out, /finished forever/);
+    driver.kill("SIGTERM");
+    assert.equal(await driver.exited, 0, `exit code (stdout: ${driver.out})`);
+    assert.doesNotMatch(driver.out, /finished forever/);
     assert.equal((await results(env)).length, 0);
 
     const taken: number[] = [];
