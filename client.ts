@@ -399,14 +399,7 @@ export class Client {
     definition: ResourceDefinitionInit,
     options: RequestOptions = {},
   ): Promise<ResourceDefinition> {
-    const path = "/resource-definitions/";
-    const reply = await this.#request({
-      method: "POST",
-      path,
-      body: definition,
-      signal: options.signal,
-    });
-    return this.#decode(ResourceDefinitionSchema, reply, "POST", path);
+    return await this.#sendDefinition("POST", "/resource-definitions/", definition, options);
   }
 
   /**
@@ -423,14 +416,7 @@ export class Client {
     definition: ResourceDefinitionInit,
     options: RequestOptions = {},
   ): Promise<ResourceDefinition> {
-    const path = "/resource-definitions/apply";
-    const reply = await this.#request({
-      method: "POST",
-      path,
-      body: definition,
-      signal: options.signal,
-    });
-    return this.#decode(ResourceDefinitionSchema, reply, "POST", path);
+    return await this.#sendDefinition("POST", "/resource-definitions/apply", definition, options);
   }
 
   /**
@@ -455,14 +441,22 @@ export class Client {
     definition: ResourceDefinitionInit,
     options: RequestOptions = {},
   ): Promise<ResourceDefinition> {
-    const path = `/resource-definitions/${seg(name)}`;
-    const reply = await this.#request({
-      method: "PUT",
-      path,
-      body: definition,
-      signal: options.signal,
-    });
-    return this.#decode(ResourceDefinitionSchema, reply, "PUT", path);
+    return await this.#sendDefinition(
+      "PUT",
+      `/resource-definitions/${seg(name)}`,
+      definition,
+      options,
+    );
+  }
+
+  async #sendDefinition(
+    method: "POST" | "PUT",
+    path: string,
+    definition: ResourceDefinitionInit,
+    options: RequestOptions,
+  ): Promise<ResourceDefinition> {
+    const reply = await this.#request({ method, path, body: definition, signal: options.signal });
+    return this.#decode(ResourceDefinitionSchema, reply, method, path);
   }
 
   /** `DELETE /resource-definitions/{name}`. */
