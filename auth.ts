@@ -26,6 +26,7 @@
  */
 import { base64url, type CryptoKey, exportJWK, importPKCS8, importSPKI, SignJWT } from "jose";
 import { AuthError, ConfigError } from "./errors.ts";
+import { readEnv } from "./_util.ts";
 
 /**
  * Where the client certificate, key and CA come from, and how tokens are made.
@@ -312,19 +313,6 @@ async function load(
     return { name, text: await readFile(file, "utf8") };
   } catch (err) {
     throw new AuthError(`cannot read ${name}: ${message(err)}`, { cause: err });
-  }
-}
-
-/** An environment variable, trimmed; undefined when unset, empty or not permitted (Deno). */
-function readEnv(name: string): string | undefined {
-  try {
-    // Through globalThis rather than node:process, which edge runtimes may lack.
-    const env = (globalThis as { process?: { env?: Record<string, string | undefined> } })
-      .process?.env;
-    const value = env?.[name]?.trim();
-    return value ? value : undefined;
-  } catch {
-    return undefined;
   }
 }
 

@@ -14,8 +14,8 @@
  */
 import * as v from "valibot";
 import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
-import { readEnv, retryDelayFor } from "./options.ts";
-import { errorText, parseRetryAfter, readSse, sleep } from "./sse.ts";
+import { backoff, httpErrorText, parseRetryAfter, readEnv, sleep } from "./_util.ts";
+import { readSse } from "./sse.ts";
 import {
   type BroadcastMessage,
   type BroadcastResponse,
@@ -685,7 +685,7 @@ export class Client {
         if (asked !== undefined && asked > this.#maxDelay) throw err;
         const delay = Math.max(
           asked ?? 0,
-          retryDelayFor(attempt, { retryDelay: this.#initialDelay, retryMaxDelay: this.#maxDelay }),
+          backoff(attempt, { retryDelay: this.#initialDelay, retryMaxDelay: this.#maxDelay }),
         );
         await sleep(delay, call.signal);
       }
@@ -735,7 +735,7 @@ export class Client {
     if (!res.ok) {
       const err = new ConveyorApiError({
         status: res.status,
-        error: errorText(res, text),
+        error: httpErrorText(res, text),
         method,
         path,
       });

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { redactUrl } from "./_util.ts";
 
 /**
  * Base class of every error this package throws.
@@ -39,18 +40,28 @@ export class ConfigError extends ConveyorError {
   }
 }
 
-/** The NATS server could not be reached (after the connect policy ran out). */
+/**
+ * The NATS server could not be reached (after the connect policy ran out).
+ * Credentials in the server URLs never appear in it: `servers` and the
+ * message name the servers without their user info.
+ */
 export class ConnectError extends ConveyorError {
-  /** The servers that were tried. */
+  /** The servers that were tried, without user info. */
   readonly servers: string[];
   /** Creates the error for the given servers; `hint` says what may fix it. */
   constructor(servers: string[], options?: ErrorOptions & { hint?: string }) {
-    const why = options?.cause instanceof Error ? `: ${options.cause.message}` : "";
+    const shown = servers.map(redactUrl);
+    const why = options?.cause instanceof Error ? `: ${redactText(options.cause.message)}` : "";
     const hint = options?.hint ? ` (${options.hint})` : "";
-    super(`cannot connect to NATS at ${servers.join(", ")}${why}${hint}`, options);
+    super(`cannot connect to NATS at ${shown.join(", ")}${why}${hint}`, options);
     this.name = "ConnectError";
-    this.servers = servers;
+    this.servers = shown;
   }
+}
+
+/** Removes user info from any URL inside a text. */
+function redactText(text: string): string {
+  return text.replace(/[a-z][a-z0-9+.-]*:\/\/[^/@\s]*@/gi, (m) => redactUrl(m));
 }
 
 /**

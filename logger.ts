@@ -1,14 +1,16 @@
 /**
- * The per-run logger handed to `reconcile`. Every line becomes an SDD Log
- * Entry published to JetStream `logs.{runid}` (persisted by the server) and
- * core NATS `live.logs.{runid}.{driver}` (live streaming), and is mirrored to
- * LogTape under `["conveyor", "driver", <name>]`.
+ * The per-run logger handed to `reconcile`, and the runtime's console output.
+ *
+ * Every line becomes an SDD Log Entry published to JetStream `logs.{runid}`
+ * (persisted by the server) and core NATS `live.logs.{runid}.{driver}` (live
+ * streaming), and is mirrored to LogTape under `["conveyor", "driver", <name>]`.
  *
  * @module
  */
-import { getLogger, type Logger } from "@logtape/logtape";
+import { configure, getConfig, getConsoleSink, getLogger, type Logger } from "@logtape/logtape";
 import { headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
 import type { JetStreamClient } from "@nats-io/jetstream";
+import { pause } from "./_util.ts";
 import { PublishError } from "./errors.ts";
 import type { LogEntry } from "./types.ts";
 
@@ -25,7 +27,8 @@ export type Level = "debug" | "info" | "warning" | "error";
  * waits until all are confirmed by JetStream before it publishes the result.
  * Labels never enter the Log Entry JSON (the SDD schema allows no extra
  * fields): they travel as `Conveyor-Label-<key>` NATS headers and as LogTape
- * properties.
+ * properties. Lines logged after `reconcile` returned are not stored (the
+ * result is already on its way); they still reach LogTape.
  *
  * @example
  * ```ts
@@ -72,8 +75,28 @@ export interface RunLogOptions {
   pipeline?: string;
   /** Labels added to every line, e.g. the event and resource. */
   labels?: Labels;
-  /** Publish attempts per line before giving up. @default 5 */
+  /**
+   * Rounds of retries of failed lines when `flush` is called without a
+   * signal. @default 5
+   */
   attempts?: number;
+  /** Largest message the server takes, in bytes. @default the server's `max_payload` */
+  maxPayload?: number;
+  /**
+   * Bytes of lines waiting for JetStream's confirmation; lines beyond it are
+   * dropped (and counted) rather than held in memory. @default 64 MiB
+   */
+  maxBuffered?: number;
+  /** Called once, with the line, when the first line is logged after `seal()`. */
+  onLate?: (message: string) => void;
+}
+
+/** Bounds of {@link RunLog.flush}. */
+export interface FlushOptions {
+  /** Stops retrying when aborted. */
+  signal?: AbortSignal;
+  /** Stops retrying at this time (ms since the epoch). */
+  deadline?: number;
 }
 
 /** A run's logger and the means to wait for its lines. */
@@ -82,20 +105,32 @@ export interface RunLog {
   logger: DriverLogger;
   /**
    * Waits until every line so far is stored by JetStream, retrying failed
-   * publishes (same `Nats-Msg-Id`, so a retry is never stored twice).
-   * Rejects with `PublishError` when a line cannot be stored.
+   * publishes together (same `Nats-Msg-Id`, so a retry is never stored
+   * twice) until they are stored, `signal` aborts, `deadline` (a time in ms
+   * since the epoch) passes, or `attempts` rounds failed. Rejects with
+   * `PublishError` when a line cannot be stored.
    */
-  flush(): Promise<void>;
+  flush(options?: FlushOptions): Promise<void>;
+  /** Stops publishing: lines logged from now on only reach LogTape. */
+  seal(): void;
   /** Lines logged so far. */
   readonly count: number;
+  /** Lines not published: logged after `seal()` or over `maxBuffered`. */
+  readonly dropped: number;
 }
 
-interface Pending {
-  subject: string;
+/** The fallback when the connection has no server info yet (the NATS default). */
+const DEFAULT_MAX_PAYLOAD = 1024 * 1024;
+/** Room for the protocol line and the headers nats.js adds (Nats-Msg-Id). */
+const PAYLOAD_SLACK = 512;
+/** Longest label value sent in a header; longer ones are cut with a marker. */
+const MAX_LABEL_BYTES = 1024;
+
+interface Line {
   data: Uint8Array;
   msgID: string;
   headers: ReturnType<typeof natsHeaders>;
-  done: Promise<unknown>;
+  done: Promise<void>;
   failed?: unknown;
 }
 
@@ -111,6 +146,49 @@ function headerKey(label: string): string {
   return `Conveyor-Label-${label.replace(/[^A-Za-z0-9_-]/g, "_")}`;
 }
 
+/** A label value fit for a NATS header: control characters escaped, length bounded. */
+export function headerValue(value: unknown): string {
+  let text = String(value);
+  if (text.length > MAX_LABEL_BYTES) text = `${text.slice(0, MAX_LABEL_BYTES)}…[truncated]`;
+  // CR or LF would end the header (nats.js refuses them): escape them and
+  // their kin the way JSON does.
+  // deno-lint-ignore no-control-regex
+  return text.replace(
+    /[\x00-\x08\x0a-\x1f\x7f]/g,
+    (c) =>
+      c === "\n"
+        ? "\\n"
+        : c === "\r"
+        ? "\\r"
+        : `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
+  );
+}
+
+/**
+ * Cuts `text` so that its JSON encoding (with a marker saying so) takes at
+ * most `maxBytes` bytes of UTF-8. Used for log lines larger than the
+ * server's `max_payload`.
+ */
+export function truncateForJson(text: string, maxBytes: number): string {
+  const size = (s: string) => encoder.encode(JSON.stringify(s)).length;
+  const original = encoder.encode(text).length;
+  const marker = `… [truncated: ${original} bytes do not fit the server's max_payload]`;
+  const budget = maxBytes - size(marker) + 2; // the quotes are counted once
+  if (budget <= 2) return marker.slice(2);
+  let lo = 0;
+  let hi = Math.min(text.length, budget);
+  while (lo < hi) {
+    const mid = Math.ceil((lo + hi) / 2);
+    if (size(text.slice(0, mid)) <= budget) lo = mid;
+    else hi = mid - 1;
+  }
+  let cut = lo;
+  // Do not split a surrogate pair.
+  const last = text.charCodeAt(cut - 1);
+  if (last >= 0xd800 && last <= 0xdbff) cut--;
+  return text.slice(0, cut) + marker;
+}
+
 /**
  * Creates the logger for one run. Used by the runtime; exported for tests and
  * for tools that publish logs on behalf of a driver.
@@ -118,17 +196,42 @@ function headerKey(label: string): string {
 export function createRunLog(opts: RunLogOptions): RunLog {
   const { nc, js, driver, runId, pipeline } = opts;
   const attempts = opts.attempts ?? 5;
+  const maxPayload = opts.maxPayload ?? nc.info?.max_payload ?? DEFAULT_MAX_PAYLOAD;
+  const maxBuffered = opts.maxBuffered ?? 64 * 1024 * 1024;
   const mirror = driverCategory(driver);
   const jsSubject = `logs.${runId}`;
   const liveSubject = `live.logs.${runId}.${driver}`;
   // Unique per run log, so retries of a line dedupe and lines of
   // different attempts of the same run do not.
   const nonce = crypto.randomUUID();
-  const pending: Pending[] = [];
+  const inflight = new Set<Line>();
+  const failed: Line[] = [];
+  let buffered = 0;
   let seq = 0;
+  let dropped = 0;
+  let sealed = false;
 
   function emit(level: Level, message: string, labels: Labels): void {
     const text = String(message);
+    // Mirror first: the text is a property, never a template (a `{` in it
+    // would pull in a label).
+    const props = { runId, ...labels, message: text };
+    if (level === "warning") mirror.warn("{message}", props);
+    else mirror[level]("{message}", props);
+    if (sealed) {
+      if (dropped++ === 0) opts.onLate?.(text);
+      return;
+    }
+
+    const h = natsHeaders();
+    h.set("Conveyor-Log-Level", level);
+    let headerBytes = 40;
+    for (const k in labels) {
+      const value = headerValue(labels[k]);
+      const key = headerKey(k);
+      h.set(key, value);
+      headerBytes += key.length + value.length * 3 + 4;
+    }
     const entry: LogEntry = {
       runid: runId,
       driver,
@@ -136,67 +239,78 @@ export function createRunLog(opts: RunLogOptions): RunLog {
       timestamp: new Date().toISOString(),
       message: text,
     };
-    const h = natsHeaders();
-    h.set("Conveyor-Log-Level", level);
-    for (const [k, v] of Object.entries(labels)) h.set(headerKey(k), String(v));
-    const data = encoder.encode(JSON.stringify(entry));
-    const msgID = `${nonce}.${++seq}`;
-
-    const props = { runId, ...labels };
-    if (level === "warning") mirror.warn(text, props);
-    else mirror[level](text, props);
-
+    let data = encoder.encode(JSON.stringify(entry));
+    const room = maxPayload - PAYLOAD_SLACK - headerBytes;
+    if (data.length > room) {
+      const overhead = data.length - encoder.encode(JSON.stringify(text)).length;
+      entry.message = truncateForJson(text, Math.max(0, room - overhead));
+      data = encoder.encode(JSON.stringify(entry));
+    }
+    if (buffered + data.length > maxBuffered) {
+      dropped++;
+      return;
+    }
     try {
       nc.publish(liveSubject, data, { headers: h });
     } catch {
       // Live streaming is best effort; the JetStream copy below is the record.
     }
-    const p: Pending = {
-      subject: jsSubject,
-      data,
-      msgID,
-      headers: h,
-      done: Promise.resolve(),
-    };
-    p.done = js.publish(jsSubject, data, { msgID, headers: h }).catch((err) => {
-      p.failed = err;
-    });
-    pending.push(p);
+    const line: Line = { data, msgID: `${nonce}.${++seq}`, headers: h, done: Promise.resolve() };
+    buffered += data.length;
+    inflight.add(line);
+    line.done = js.publish(jsSubject, data, { msgID: line.msgID, headers: h }).then(
+      () => {
+        inflight.delete(line);
+        buffered -= data.length;
+      },
+      (err) => {
+        inflight.delete(line);
+        line.failed = err;
+        failed.push(line);
+      },
+    );
   }
 
   function make(bound: Labels): DriverLogger {
     return {
       runId,
-      log: (m, l) => emit("info", m, { ...bound, ...l }),
-      debug: (m, l) => emit("debug", m, { ...bound, ...l }),
-      info: (m, l) => emit("info", m, { ...bound, ...l }),
-      warn: (m, l) => emit("warning", m, { ...bound, ...l }),
-      error: (m, l) => emit("error", m, { ...bound, ...l }),
+      log: (m, l) => emit("info", m, l ? { ...bound, ...l } : bound),
+      debug: (m, l) => emit("debug", m, l ? { ...bound, ...l } : bound),
+      info: (m, l) => emit("info", m, l ? { ...bound, ...l } : bound),
+      warn: (m, l) => emit("warning", m, l ? { ...bound, ...l } : bound),
+      error: (m, l) => emit("error", m, l ? { ...bound, ...l } : bound),
       with: (l) => make({ ...bound, ...l }),
     };
   }
 
-  async function flush(): Promise<void> {
-    while (pending.length > 0) {
-      const batch = pending.splice(0, pending.length);
-      await Promise.all(batch.map((p) => p.done));
-      for (const p of batch) {
-        let err = p.failed;
-        for (let i = 1; err !== undefined && i < attempts; i++) {
-          await new Promise((r) => setTimeout(r, 100 * 2 ** i));
-          try {
-            await js.publish(p.subject, p.data, {
-              msgID: p.msgID,
-              headers: p.headers,
-            });
-            err = undefined;
-          } catch (e) {
-            err = e;
-          }
-        }
-        if (err !== undefined) {
-          throw new PublishError(p.subject, { cause: err });
-        }
+  async function flush(options: FlushOptions = {}): Promise<void> {
+    const { signal, deadline = Infinity } = options;
+    for (let round = 0;; round++) {
+      if (inflight.size > 0) {
+        await untilAborted(Promise.all([...inflight].map((l) => l.done)), signal);
+      }
+      if (failed.length === 0 && inflight.size === 0) return;
+      const last = failed[failed.length - 1]?.failed;
+      if (signal?.aborted || round + 1 >= attempts || Date.now() >= deadline) {
+        throw new PublishError(jsSubject, { cause: last ?? signal?.reason });
+      }
+      // Every failed line again, together, after a pause that grows.
+      await pause(Math.min(2_000, 100 * 2 ** round), signal);
+      if (signal?.aborted) continue;
+      for (const line of failed.splice(0)) {
+        inflight.add(line);
+        line.done = js.publish(jsSubject, line.data, { msgID: line.msgID, headers: line.headers })
+          .then(
+            () => {
+              inflight.delete(line);
+              buffered -= line.data.length;
+            },
+            (err) => {
+              inflight.delete(line);
+              line.failed = err;
+              failed.push(line);
+            },
+          );
       }
     }
   }
@@ -204,8 +318,51 @@ export function createRunLog(opts: RunLogOptions): RunLog {
   return {
     logger: make(opts.labels ?? {}),
     flush,
+    seal() {
+      sealed = true;
+    },
     get count() {
       return seq;
     },
+    get dropped() {
+      return dropped;
+    },
   };
+}
+
+/** Waits for `p`, or until `signal` aborts (then resolves without it). */
+function untilAborted(p: Promise<unknown>, signal?: AbortSignal): Promise<unknown> {
+  if (!signal) return p;
+  if (signal.aborted) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      signal.removeEventListener("abort", done);
+      resolve(undefined);
+    };
+    signal.addEventListener("abort", done, { once: true });
+    p.then(done, done);
+  });
+}
+
+/**
+ * Configures a console sink for `["conveyor"]` at `logLevel` unless LogTape
+ * is configured already or `configureLogging` is false. A library must not
+ * take over logging, so this only acts when the application has not set
+ * LogTape up.
+ */
+export async function ensureLogging(
+  o: { configureLogging: boolean; logLevel: Level | "trace" | "fatal" },
+): Promise<void> {
+  if (!o.configureLogging || getConfig() !== null) return;
+  try {
+    await configure({
+      sinks: { console: getConsoleSink() },
+      loggers: [
+        { category: ["conveyor"], lowestLevel: o.logLevel, sinks: ["console"] },
+        { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["console"] },
+      ],
+    });
+  } catch {
+    // Configured concurrently by someone else: theirs wins.
+  }
 }

@@ -85,7 +85,8 @@ describe("DriverLogger", () => {
       assert.equal(m.headers["Conveyor-Log-Level"], "error");
       const rec = records.find((r) => r.category.join(".") === "conveyor.driver.labels")!;
       assert.equal(rec.level, "error");
-      assert.deepEqual(rec.message, ["cache miss"]);
+      assert.equal(rec.message.join(""), "cache miss");
+      assert.equal(rec.properties.message, "cache miss");
       assert.equal(rec.properties.step, "compile");
       assert.equal(rec.properties.attempt, 2);
       assert.equal(rec.properties.runId, runId);

@@ -1,107 +1,60 @@
 /**
  * The driver manager: connects to NATS, binds the driver's durable consumer,
- * runs `reconcile` for each event with bounded concurrency, ships logs and
- * results, and shuts down without losing an event.
- *
- * Delivery guarantee: at-least-once. An event is acknowledged only after its
- * logs and its result are stored by JetStream; results carry a `Nats-Msg-Id`
- * derived from driver, run and message, so a redelivered event does not
- * advance the pipeline twice (within the stream's duplicate window).
+ * pulls events for as many reconciles as may run, hands each to the
+ * per-event path (`run.ts`), keeps long jobs from being redelivered, follows
+ * the consumer as other instances change it, and shuts down within a bound
+ * without losing an event.
  *
  * @module
  */
 import process from "node:process";
 import { getLogger, type Logger } from "@logtape/logtape";
-import { connect, nanos, type NatsConnection } from "@nats-io/transport-node";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
 import {
-  AckPolicy,
   type Consumer,
-  type ConsumerInfo,
   type ConsumerMessages,
-  DeliverPolicy,
   jetstream,
-  JetStreamApiCodes,
-  JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
   jetstreamManager,
   type JsMsg,
 } from "@nats-io/jetstream";
-import * as v from "valibot";
-import {
-  ConfigError,
-  ConnectError,
-  ConsumerError,
-  ConveyorError,
-  type InvalidMessageError,
-  type MessageIssue,
-  PermanentError,
-  PublishError,
-  ReconcileTimeoutError,
-  ShutdownError,
-  StreamNotFoundError,
-} from "./errors.ts";
-import { createRunLog } from "./logger.ts";
+import { errorText, pause, setLongTimeout } from "./_util.ts";
 import { type AuthOptions, createIdentity, type Identity } from "./auth.ts";
 import { Client } from "./client.ts";
-import { ensureLogging } from "./logging.ts";
 import {
-  type ResolvedOptions,
-  resolveOptions,
-  retryDelayFor,
-  type ServeOptions,
-} from "./options.ts";
+  checkStream,
+  type ConsumerWants,
+  consumerWants,
+  ensureConsumer,
+  type Fleet,
+  fleetOf,
+  MESSAGES_STREAM,
+  planConsumer,
+  readConsumer,
+} from "./consumer.ts";
+import { checkDriver, type Driver } from "./driver.ts";
+import { ConnectError, ConsumerError, ShutdownError } from "./errors.ts";
+import { ensureLogging } from "./logger.ts";
+import { type ResolvedOptions, resolveOptions, type ServeOptions } from "./options.ts";
 import {
-  type Driver,
-  type DriverMessage,
-  type DriverResult,
-  DriverResultSchema,
-  nameProblem,
-  parseDriverMessage,
-  type Resource,
-  ResourceSchema,
-  type ResultEnvelope,
-} from "./types.ts";
-
-/** Stream the Conveyor server publishes resource and driver events to. */
-export const MESSAGES_STREAM = "messages";
-/** Subject driver results are published to (stream `pipeline-engine`). */
-export const RESULT_SUBJECT = "pipelines.driver.result";
-
-/** 100 years in nanoseconds: an inactive threshold that never passes. */
-const KEEP_FOREVER = nanos(100 * 365 * 24 * 3_600_000);
-
-/** How long a reconcile that was aborted gets to settle before the runtime moves on. */
-const ABORT_GRACE_MS = 1_000;
-
-/** Counters of a running driver, for health checks and metrics. */
-export interface DriverStats {
-  /** Messages received from the consumer. */
-  received: number;
-  /** Results published with `success: true`. */
-  succeeded: number;
-  /** Results published with `success: false` (returned, permanent, or out of attempts). */
-  failed: number;
-  /** Failed attempts handed back for a later retry. */
-  retried: number;
-  /** Malformed messages terminated. */
-  invalid: number;
-  /** Events acknowledged without a reconcile (not in `driver.events`). */
-  skipped: number;
-  /** Events handed back because of a shutdown or a publish failure. */
-  requeued: number;
-  /** Reconciles running now. */
-  inFlight: number;
-}
+  ABORT_GRACE_MS,
+  type DriverStats,
+  type EventDeps,
+  handleDelivery,
+  ResultMemory,
+} from "./run.ts";
 
 /**
  * A driver started by {@link startDriver}.
  *
  * @example
  * ```ts
- * import { startDriver } from "@conveyor/driver";
+ * import { type Driver, startDriver } from "@conveyor/driver";
+ * const driver: Driver = { name: "echo", resources: ["pipeline"], reconcile() {} };
  * await using running = await startDriver(driver, { handleSignals: false });
- * // ... later: graceful shutdown on scope exit, or explicitly:
+ * console.log(running.stats().inFlight);
+ * // leaving the scope stops it gracefully, or explicitly:
  * await running.stop();
  * ```
  */
@@ -110,7 +63,10 @@ export interface RunningDriver extends AsyncDisposable {
   readonly name: string;
   /** Resolves when the driver has shut down and closed its connection. */
   readonly closed: Promise<void>;
-  /** Starts a graceful shutdown; resolves when it is complete. */
+  /**
+   * Starts a graceful shutdown; resolves when it is complete, within
+   * `shutdownTimeout` plus about 3 s.
+   */
   stop(): Promise<void>;
   /** A snapshot of the driver's counters. */
   stats(): DriverStats;
@@ -140,10 +96,7 @@ export interface RunningDriver extends AsyncDisposable {
  * }, { servers: "nats://127.0.0.1:4222", concurrency: 16 });
  * ```
  */
-export async function serve(
-  driver: Driver,
-  options?: ServeOptions,
-): Promise<void> {
+export async function serve(driver: Driver, options?: ServeOptions): Promise<void> {
   const running = await startDriver(driver, options);
   await running.closed;
 }
@@ -155,16 +108,14 @@ export async function serve(
  *
  * @example
  * ```ts
- * import { startDriver } from "@conveyor/driver";
+ * import { type Driver, startDriver } from "@conveyor/driver";
+ * const driver: Driver = { name: "echo", resources: ["pipeline"], reconcile() {} };
  * const running = await startDriver(driver, { handleSignals: false });
  * console.log(running.stats());
  * await running.stop();
  * ```
  */
-export async function startDriver(
-  driver: Driver,
-  options?: ServeOptions,
-): Promise<RunningDriver> {
+export async function startDriver(driver: Driver, options?: ServeOptions): Promise<RunningDriver> {
   checkDriver(driver);
   const o = resolveOptions(options);
   await ensureLogging(o);
@@ -179,17 +130,13 @@ export async function startDriver(
   const nc = await connectWithin(driver.name, o, identity);
   try {
     const jsm = await jetstreamManager(nc);
-    const info = await ensureConsumer(jsm, driver, o, log);
+    await checkStream(jsm);
+    const wants = consumerWants(driver, o);
+    const info = await ensureConsumer(jsm, wants, o.consumerPolicy, log);
     const js = jetstream(nc);
-    const consumer = await js.consumers.get(MESSAGES_STREAM, driver.name).catch((err) => {
-      throw new ConsumerError(
-        driver.name,
-        `cannot bind to consumer "${driver.name}": ${(err as Error).message}`,
-        { cause: err },
-      );
-    });
-    const runtime = new Runtime(driver, o, nc, js, jsm, consumer, info, log, client);
-    runtime.start();
+    const consumer = await bindConsumer(js, driver.name);
+    const runtime = new Runtime({ driver, o, nc, js, jsm, consumer, wants, log, client });
+    runtime.start(fleetOf(info.config));
     return runtime.handle();
   } catch (err) {
     await nc.close().catch(() => {});
@@ -197,53 +144,11 @@ export async function startDriver(
   }
 }
 
-function checkDriver(driver: Driver): void {
-  if (driver === null || typeof driver !== "object") {
-    throw new ConfigError(
-      "driver",
-      "driver must be an object with name, resources and reconcile",
-    );
-  }
-  const bad = nameProblem(driver.name, "driver name");
-  if (bad) throw new ConfigError("name", bad);
-  if (!Array.isArray(driver.resources) || driver.resources.length === 0) {
-    throw new ConfigError(
-      "resources",
-      `driver "${driver.name}": resources must be a non-empty array of resource types`,
-    );
-  }
-  for (const r of driver.resources) {
-    const p = nameProblem(r, "resource type");
-    if (p) throw new ConfigError("resources", `driver "${driver.name}": ${p}`);
-  }
-  if (typeof driver.reconcile !== "function") {
-    throw new ConfigError(
-      "reconcile",
-      `driver "${driver.name}": reconcile must be a function`,
-    );
-  }
-  if (
-    driver.events !== undefined &&
-    (!Array.isArray(driver.events) ||
-      driver.events.some((e) => typeof e !== "string"))
-  ) {
-    throw new ConfigError(
-      "events",
-      `driver "${driver.name}": events must be an array of event names`,
-    );
-  }
-}
-
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const t = setTimeout(done, ms);
-    function done() {
-      clearTimeout(t);
-      signal?.removeEventListener("abort", done);
-      resolve();
-    }
-    signal?.addEventListener("abort", done, { once: true });
+function bindConsumer(js: JetStreamClient, name: string): Promise<Consumer> {
+  return js.consumers.get(MESSAGES_STREAM, name).catch((err) => {
+    throw new ConsumerError(name, `cannot bind to consumer "${name}": ${errorText(err)}`, {
+      cause: err,
+    });
   });
 }
 
@@ -277,19 +182,15 @@ async function connectWithin(
     } catch (err) {
       last = err;
       // Wrong credentials do not fix themselves by waiting.
-      if (
-        /authori[sz]ation|authentication/i.test(String((err as Error)?.message))
-      ) break;
+      if (/authori[sz]ation|authentication/i.test(errorText(err))) break;
     }
     const wait = Math.min(2_000, 100 * 2 ** i);
     if (Date.now() + wait >= deadline) break;
-    await sleep(wait, o.signal);
+    await pause(wait, o.signal);
   }
   // A server that requires client certificates drops a client without one
   // mid-handshake, which nats.js reports as a timeout or a TLS error.
-  const maybeTls = /tls|certificate|handshake|ssl|timeout/i.test(
-    String((last as Error)?.message ?? last),
-  );
+  const maybeTls = /tls|certificate|handshake|ssl|timeout/i.test(errorText(last));
   throw new ConnectError(o.servers, {
     cause: last,
     hint: maybeTls && !identity
@@ -299,131 +200,40 @@ async function connectWithin(
   });
 }
 
-/** Listens for SIGINT and SIGTERM; returns a function that stops listening. */
-function onSignals(onInt: () => void, onTerm: () => void): () => void {
-  process.on("SIGINT", onInt);
-  process.on("SIGTERM", onTerm);
-  return () => {
-    process.off("SIGINT", onInt);
-    process.off("SIGTERM", onTerm);
-  };
+// ---------------------------------------------------------------------------
+// The process: one exit for every runtime in it.
+
+/** Runtimes started in this process and not yet stopped. */
+const live = new Set<Runtime>();
+/** Stopped runtimes whose reconciles ignored `ctx.signal` and still run. */
+const stuck = new Set<Runtime>();
+let exitRequested = false;
+
+/**
+ * After a signal-driven shutdown, a reconcile that ignores `ctx.signal` would
+ * keep the process alive until it is killed. Exit, but only once every
+ * runtime in the process has stopped (another driver may still be working).
+ */
+function exitWhenAllStopped(log: Logger): void {
+  if (!exitRequested || live.size > 0 || stuck.size === 0) return;
+  log.warn(
+    "reconcile(s) ignoring ctx.signal still run after every driver stopped; their events " +
+      "were handed back; exiting",
+  );
+  setTimeout(() => process.exit(0), 100);
 }
 
-/** The consumer's filter: both subject forms for every resource type. */
-export function filterSubjects(
-  driver: Pick<Driver, "name" | "resources">,
-): string[] {
-  return [...new Set(driver.resources)].flatMap((r) => [
-    `resources.${r}`,
-    `drivers.${driver.name}.resources.${r}`,
-  ]);
-}
+// ---------------------------------------------------------------------------
+// The runtime.
 
-function sameSet(a: readonly string[], b: readonly string[]): boolean {
-  const s = new Set(a);
-  return s.size === new Set(b).size && b.every((x) => s.has(x));
-}
+/** How often a running instance re-reads its consumer. */
+const CONSUMER_CHECK_MS = 10_000;
+/** How long the shutdown gives the last settles after the abort grace. */
+const SETTLE_GRACE_MS = 1_000;
+/** How long draining the connection may take at the end of a shutdown. */
+const DRAIN_MS = 1_000;
 
-async function ensureConsumer(
-  jsm: JetStreamManager,
-  driver: Driver,
-  o: ResolvedOptions,
-  log: Logger,
-): Promise<ConsumerInfo> {
-  try {
-    await jsm.streams.info(MESSAGES_STREAM);
-  } catch (err) {
-    if (isApiError(err, JetStreamApiCodes.StreamNotFound)) {
-      throw new StreamNotFoundError(MESSAGES_STREAM, { cause: err });
-    }
-    throw new ConveyorError(
-      `cannot read stream "${MESSAGES_STREAM}": ${(err as Error).message}`,
-      { cause: err },
-    );
-  }
-  const filter_subjects = filterSubjects(driver);
-  const wanted = {
-    filter_subjects,
-    ack_wait: nanos(o.ackWait),
-    max_ack_pending: o.maxAckPending,
-  };
-  let info: ConsumerInfo | undefined;
-  try {
-    info = await jsm.consumers.info(MESSAGES_STREAM, driver.name);
-  } catch (err) {
-    if (!isApiError(err, JetStreamApiCodes.ConsumerNotFound)) {
-      throw new ConsumerError(
-        driver.name,
-        `cannot read consumer "${driver.name}": ${(err as Error).message}`,
-        { cause: err },
-      );
-    }
-  }
-  if (!info) {
-    try {
-      return await jsm.consumers.add(MESSAGES_STREAM, {
-        ...wanted,
-        name: driver.name,
-        durable_name: driver.name,
-        ack_policy: AckPolicy.Explicit,
-        deliver_policy: DeliverPolicy.All,
-      });
-    } catch (err) {
-      // Another instance may have created it in the meantime: fall through.
-      info = await jsm.consumers.info(MESSAGES_STREAM, driver.name).catch(
-        () => {
-          throw new ConsumerError(
-            driver.name,
-            `cannot create consumer "${driver.name}": ${(err as Error).message}`,
-            { cause: err },
-          );
-        },
-      );
-    }
-  }
-  const c = info.config;
-  if (c.ack_policy !== AckPolicy.Explicit || c.deliver_subject) {
-    throw new ConsumerError(
-      driver.name,
-      `consumer "${driver.name}" exists but is not an explicit-ack pull consumer ` +
-        `(ack_policy ${c.ack_policy}${
-          c.deliver_subject ? ", push" : ""
-        }); delete it to let the driver recreate it`,
-    );
-  }
-  const current = c.filter_subjects ??
-    (c.filter_subject ? [c.filter_subject] : []);
-  const expires = !c.durable_name && Number(c.inactive_threshold ?? 0) < KEEP_FOREVER;
-  const stale = !sameSet(current, filter_subjects) ||
-    c.ack_wait !== wanted.ack_wait ||
-    c.max_ack_pending !== wanted.max_ack_pending || expires;
-  if (!stale) return info;
-  if (expires) {
-    log.warn(
-      "consumer {name} was created without a durable name (Go SDK) and would vanish 5 s after " +
-        "its last client, dropping events; keeping it for good. Delete it once while no " +
-        "events are pending to have it recreated as a durable consumer.",
-      { name: driver.name },
-    );
-  }
-  try {
-    return await jsm.consumers.update(MESSAGES_STREAM, driver.name, {
-      ...wanted,
-      // A durable name cannot be added to an existing consumer; a threshold
-      // this long keeps it (it survives server restarts too).
-      ...(expires ? { inactive_threshold: KEEP_FOREVER } : {}),
-      ...(c.filter_subject ? { filter_subject: "" } : {}),
-    });
-  } catch (err) {
-    throw new ConsumerError(
-      driver.name,
-      `cannot update consumer "${driver.name}": ${(err as Error).message}`,
-      { cause: err },
-    );
-  }
-}
-
-/** Counting semaphore: how many reconciles may start. */
+/** Counting semaphore: how many reconciles may run. */
 class Slots {
   #free: number;
   #waiters: (() => void)[] = [];
@@ -438,7 +248,7 @@ class Slots {
   }
   release(): void {
     this.#free++;
-    this.#waiters.splice(0).forEach((w) => w());
+    this.wake();
   }
   /** Resolves when at least one slot is free (or at once when one is). */
   available(): Promise<void> {
@@ -450,138 +260,194 @@ class Slots {
   }
 }
 
-type Outcome =
-  | { kind: "result"; result: DriverResult }
-  | { kind: "error"; error: unknown }
-  | { kind: "abandoned"; error: unknown };
-
-interface InFlight {
-  abort(reason: unknown): void;
-  done: Promise<void>;
+interface RuntimeInit {
+  driver: Driver;
+  o: ResolvedOptions;
+  nc: NatsConnection;
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+  consumer: Consumer;
+  wants: ConsumerWants;
+  log: Logger;
+  client: Client | undefined;
 }
 
-const decoder = new TextDecoder();
-
 class Runtime {
-  readonly #stats: DriverStats = {
-    received: 0,
-    succeeded: 0,
-    failed: 0,
-    retried: 0,
-    invalid: 0,
-    skipped: 0,
-    requeued: 0,
-    inFlight: 0,
-  };
-  readonly #inFlight = new Set<InFlight>();
-  /** Calls of driver.reconcile not yet settled, abandoned ones included. */
-  #running = 0;
+  readonly #init: RuntimeInit;
+  readonly #deps: EventDeps;
   readonly #slots: Slots;
-  readonly #heartbeatMs: number;
-  /** Messages being reconciled: told "still working" on each heartbeat. */
-  readonly #working = new Set<JsMsg>();
+  #consumer: Consumer;
+  #fleet!: Fleet;
+  /** Deliveries not yet settled. */
+  readonly #pending = new Set<Promise<unknown>>();
+  /** Reconciles (user code) not yet returned, hung ones included. */
+  readonly #userCode = new Set<Promise<void>>();
+  readonly #shutdownAc = new AbortController();
+  readonly #forceAc = new AbortController();
+  readonly #settleAc = new AbortController();
   #heartbeat?: ReturnType<typeof setInterval>;
-  readonly #events?: Set<string>;
+  #heartbeatMs = 0;
+  #check?: ReturnType<typeof setInterval>;
+  #checking = false;
   #stopping = false;
   #stopPromise?: Promise<void>;
   #fetch?: ConsumerMessages;
   #loop: Promise<void> = Promise.resolve();
-  #closed!: Promise<void>;
+  readonly #closed: Promise<void>;
   #resolveClosed!: () => void;
-  #forceAbort = new AbortController();
-  #removeSignalHandlers: () => void = () => {};
+  #cleanups: (() => void)[] = [];
+  #signalled = false;
 
-  constructor(
-    readonly driver: Driver,
-    readonly o: ResolvedOptions,
-    readonly nc: NatsConnection,
-    readonly js: JetStreamClient,
-    readonly jsm: JetStreamManager,
-    public consumer: Consumer,
-    info: ConsumerInfo,
-    readonly log: Logger,
-    readonly client: Client | undefined,
-  ) {
+  constructor(init: RuntimeInit) {
+    this.#init = init;
+    this.#consumer = init.consumer;
+    const { driver, o } = init;
     this.#slots = new Slots(o.concurrency);
-    // Progress well inside ack_wait, as the consumer really has it.
-    this.#heartbeatMs = Math.max(
-      100,
-      Math.floor(Number(info.config.ack_wait ?? nanos(o.ackWait)) / 1e6 / 3),
-    );
-    this.#events = driver.events ? new Set(driver.events) : undefined;
+    this.#deps = {
+      driver,
+      policy: o,
+      reconcileTimeout: o.reconcileTimeout,
+      nc: init.nc,
+      js: init.js,
+      log: init.log,
+      client: init.client,
+      stats: {
+        received: 0,
+        succeeded: 0,
+        failed: 0,
+        retried: 0,
+        invalid: 0,
+        skipped: 0,
+        requeued: 0,
+        inFlight: 0,
+        hung: 0,
+      },
+      types: new Set(driver.resources),
+      events: driver.events ? new Set(driver.events) : undefined,
+      fleet: () => this.#fleet,
+      running: new Map(),
+      working: new Set(),
+      memory: new ResultMemory(10_000, 90_000),
+      shutdown: this.#shutdownAc.signal,
+      force: this.#forceAc.signal,
+      settleDeadline: this.#settleAc.signal,
+    };
     this.#closed = new Promise((r) => (this.#resolveClosed = r));
   }
 
-  start(): void {
-    const { signal, handleSignals } = this.o;
+  get #log(): Logger {
+    return this.#init.log;
+  }
+
+  start(fleet: Fleet): void {
+    const { signal, handleSignals } = this.#init.o;
+    live.add(this);
     if (signal) {
-      if (signal.aborted) queueMicrotask(() => this.stop());
-      else signal.addEventListener("abort", () => this.stop(), { once: true });
+      const onAbort = () => void this.stop();
+      if (signal.aborted) queueMicrotask(onAbort);
+      else {
+        signal.addEventListener("abort", onAbort, { once: true });
+        this.#cleanups.push(() => signal.removeEventListener("abort", onAbort));
+      }
     }
     if (handleSignals) this.#installSignalHandlers();
-    // One timer for all in-flight messages rather than one per message.
-    this.#heartbeat = setInterval(() => {
-      for (const m of this.#working) {
-        try {
-          m.working();
-        } catch { /* reconnecting: the next beat or the ack will do */ }
-      }
-    }, this.#heartbeatMs);
-    this.log.info(
-      "driver {driver} consuming {subjects} with concurrency {concurrency}",
-      {
-        driver: this.driver.name,
-        subjects: filterSubjects(this.driver),
-        concurrency: this.o.concurrency,
-      },
-    );
+    this.#follow(fleet);
+    this.#check = setInterval(() => void this.#checkConsumer(), CONSUMER_CHECK_MS);
+    this.#log.info("driver {driver} consuming {subjects} with concurrency {concurrency}", {
+      driver: this.#init.driver.name,
+      subjects: this.#init.wants.subjects,
+      concurrency: this.#init.o.concurrency,
+    });
     this.#loop = this.#pullLoop();
   }
 
   handle(): RunningDriver {
     return {
-      name: this.driver.name,
+      name: this.#init.driver.name,
       closed: this.#closed,
       stop: () => this.stop(),
-      stats: () => ({ ...this.#stats, inFlight: this.#inFlight.size }),
+      stats: () => ({ ...this.#deps.stats }),
       [Symbol.asyncDispose]: () => this.stop(),
     };
   }
 
+  /** Applies the consumer's current settings: heartbeats every third of its ack_wait. */
+  #follow(fleet: Fleet): void {
+    this.#fleet = fleet;
+    const ms = Math.max(100, Math.floor(fleet.ackWaitMs / 3));
+    this.#deps.memory.ttl = Math.max(60_000, fleet.ackWaitMs * 3);
+    if (ms === this.#heartbeatMs) return;
+    this.#heartbeatMs = ms;
+    clearInterval(this.#heartbeat);
+    // One timer for all in-flight messages rather than one per message.
+    this.#heartbeat = setInterval(() => {
+      for (const m of this.#deps.working) {
+        try {
+          m.working();
+        } catch { /* reconnecting: the next beat or the ack will do */ }
+      }
+    }, ms);
+  }
+
   /**
-   * After a signal-driven shutdown: a reconcile that ignored `ctx.signal`
-   * would keep the process alive until it is killed. Its event is already
-   * handed back, so exit as a signalled driver process should.
+   * Re-reads the consumer: follows its ack_wait and events, recreates it when
+   * deleted, and widens it again when another instance narrowed it.
    */
-  #exitIfStuck(): void {
-    if (this.#running === 0) return;
-    this.log.warn(
-      "{count} reconcile(s) ignored ctx.signal and still run; their events were handed back; exiting",
-      { count: this.#running },
-    );
-    setTimeout(() => process.exit(0), 100);
+  async #checkConsumer(): Promise<void> {
+    if (this.#checking || this.#stopping) return;
+    this.#checking = true;
+    const { jsm, js, wants, driver } = this.#init;
+    try {
+      this.#deps.memory.prune();
+      const info = await readConsumer(jsm, driver.name);
+      if (info && planConsumer(info.config, wants, "widen").action === "keep") {
+        this.#follow(fleetOf(info.config));
+        return;
+      }
+      if (info) {
+        this.#log.warn(
+          "consumer {name} no longer covers this instance (changed by another one?): widening it",
+          { name: driver.name },
+        );
+      }
+      const fixed = await ensureConsumer(jsm, wants, "widen", this.#log);
+      this.#follow(fleetOf(fixed.config));
+      if (!info) {
+        this.#consumer = await bindConsumer(js, driver.name);
+        this.#log.info("consumer {name} recreated", { name: driver.name });
+      }
+    } catch (err) {
+      // NATS down, say: the next round will do.
+      this.#log.debug("checking consumer {name} failed: {error}", {
+        name: driver.name,
+        error: errorText(err),
+      });
+    } finally {
+      this.#checking = false;
+    }
   }
 
   #installSignalHandlers(): void {
     let count = 0;
     const onSignal = (sig: string) => {
       count++;
+      this.#signalled = true;
       if (count === 1) {
-        this.log.info("{signal} received: shutting down gracefully", {
-          signal: sig,
-        });
-        this.stop().then(() => this.#exitIfStuck());
+        this.#log.info("{signal} received: shutting down gracefully", { signal: sig });
+        void this.stop();
       } else {
-        this.log.warn(
-          "{signal} received again: no longer waiting for in-flight reconciles",
-          { signal: sig },
-        );
-        this.#forceAbort.abort();
+        this.#log.warn("{signal} received again: stopping now", { signal: sig });
+        this.#forceAc.abort();
       }
     };
     const onInt = () => onSignal("SIGINT");
     const onTerm = () => onSignal("SIGTERM");
-    this.#removeSignalHandlers = onSignals(onInt, onTerm);
+    process.on("SIGINT", onInt);
+    process.on("SIGTERM", onTerm);
+    this.#cleanups.push(() => {
+      process.off("SIGINT", onInt);
+      process.off("SIGTERM", onTerm);
+    });
   }
 
   async #pullLoop(): Promise<void> {
@@ -592,7 +458,7 @@ class Runtime {
       try {
         // Ask for no more than the free slots: nothing waits in a buffer
         // while its ack_wait runs out, and one slow job blocks no other.
-        const iter = await this.consumer.fetch({
+        const iter = await this.#consumer.fetch({
           max_messages: this.#slots.free,
           expires: 30_000,
         });
@@ -610,382 +476,30 @@ class Runtime {
       } catch (err) {
         if (this.#stopping) break;
         failures++;
-        this.log.warn("pulling messages failed ({attempt}): {error}", {
+        this.#log.warn("pulling messages failed ({attempt}): {error}", {
           attempt: failures,
-          error: String(err),
+          error: errorText(err),
         });
         // A deleted consumer shows as "consumer deleted", "no responders"
         // or missed heartbeats, depending on when it went: ask the server.
-        await this.#recreateConsumerIfMissing();
-        await sleep(
-          Math.min(5_000, 250 * 2 ** Math.min(failures, 5)),
-          this.#forceAbort.signal,
-        );
+        await this.#checkConsumer();
+        await pause(Math.min(5_000, 250 * 2 ** Math.min(failures, 5)), this.#forceAc.signal);
       } finally {
         this.#fetch = undefined;
       }
     }
   }
 
-  async #recreateConsumerIfMissing(): Promise<void> {
-    try {
-      await this.jsm.consumers.info(MESSAGES_STREAM, this.driver.name);
-      return;
-    } catch (err) {
-      // Anything but "not found" (NATS down, say) is for the next round.
-      if (!isApiError(err, JetStreamApiCodes.ConsumerNotFound)) return;
-    }
-    try {
-      await ensureConsumer(this.jsm, this.driver, this.o, this.log);
-      this.consumer = await this.js.consumers.get(
-        MESSAGES_STREAM,
-        this.driver.name,
-      );
-      this.log.info("consumer {name} recreated", { name: this.driver.name });
-    } catch (err) {
-      this.log.error("cannot recreate consumer {name}: {error}", {
-        name: this.driver.name,
-        error: String(err),
-      });
-    }
-  }
-
   #dispatch(m: JsMsg): void {
-    this.#stats.received++;
     this.#slots.take();
-    const ac = new AbortController();
-    const entry: InFlight = {
-      abort: (reason) => ac.abort(reason),
-      done: Promise.resolve(),
-    };
-    this.#inFlight.add(entry);
-    entry.done = this.#handle(m, ac)
-      .catch((err) => {
-        // #handle catches everything it expects; this is a runtime bug or a
-        // lost connection. Hand the event back rather than drop it.
-        this.log.error("handling message {seq} failed: {error}", {
-          seq: m.seq,
-          error: String(err),
-        });
-        try {
-          m.nak(this.o.retryDelay);
-        } catch { /* connection gone: ack_wait redelivers it */ }
-      })
-      .finally(() => {
-        this.#inFlight.delete(entry);
-        this.#slots.release();
-      });
-  }
-
-  async #handle(m: JsMsg, ac: AbortController): Promise<void> {
-    const attempt = m.info.deliveryCount;
-    const decoded = this.#decode(m);
-    if (!decoded.ok) return this.#reject(m, decoded.error, decoded.raw);
-    const msg = decoded.message;
-    if (this.#events && !this.#events.has(msg.event)) {
-      this.#stats.skipped++;
-      this.log.debug(
-        "skipping event {event} of {resource} (not in driver.events)",
-        {
-          event: msg.event,
-          resource: msg.payload.name,
-        },
-      );
-      m.ack();
-      return;
-    }
-
-    this.#working.add(m);
-    const timeout = this.o.reconcileTimeout > 0
-      ? setTimeout(
-        () => ac.abort(new ReconcileTimeoutError(this.o.reconcileTimeout)),
-        this.o.reconcileTimeout,
-      )
-      : undefined;
-    const run = createRunLog({
-      nc: this.nc,
-      js: this.js,
-      driver: this.driver.name,
-      runId: msg.run_id,
-      pipeline: msg.payload.pipeline || undefined,
-    });
-    try {
-      const outcome = await this.#reconcile(
-        msg,
-        run.logger,
-        ac.signal,
-        attempt,
-      );
-      await this.#settle(m, msg, outcome, attempt, run.flush);
-    } finally {
-      this.#working.delete(m);
-      clearTimeout(timeout);
-    }
-  }
-
-  async #reconcile(
-    msg: DriverMessage,
-    logger: ReturnType<typeof createRunLog>["logger"],
-    signal: AbortSignal,
-    attempt: number,
-  ): Promise<Outcome> {
-    let settle!: (o: Outcome) => void;
-    const outcome = new Promise<Outcome>((r) => (settle = r));
-    let graceTimer: ReturnType<typeof setTimeout> | undefined;
-    const onAbort = () => {
-      // Give a cooperative reconcile a moment to wind down; then move on.
-      graceTimer = setTimeout(
-        () => settle({ kind: "abandoned", error: signal.reason }),
-        ABORT_GRACE_MS,
-      );
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-    this.#running++;
-    (async () => {
-      try {
-        const ret = await this.driver.reconcile({
-          resource: msg.payload,
-          message: msg,
-          event: msg.event,
-          runId: msg.run_id,
-          logger,
-          signal,
-          attempt,
-          client: this.client,
-        });
-        if (ret === undefined || ret === null) {
-          settle({ kind: "result", result: { success: true, message: "" } });
-          return;
-        }
-        const parsed = v.safeParse(DriverResultSchema, ret);
-        if (!parsed.success) {
-          settle({
-            kind: "error",
-            error: new PermanentError(
-              `reconcile returned an invalid DriverResult: ${
-                issuesOf(parsed.issues).map((i) => `${i.path || "result"}: ${i.message}`).join("; ")
-              }`,
-            ),
-          });
-        } else {
-          settle({ kind: "result", result: parsed.output });
-        }
-      } catch (err) {
-        settle({
-          kind: signal.aborted && !(signal.reason instanceof ReconcileTimeoutError)
-            ? "abandoned"
-            : "error",
-          error: err,
-        });
-      } finally {
-        this.#running--;
-      }
-    })();
-    const result = await outcome;
-    clearTimeout(graceTimer);
-    signal.removeEventListener("abort", onAbort);
-    // A reconcile that ran out of time failed, however it ended.
-    if (
-      signal.aborted && signal.reason instanceof ReconcileTimeoutError &&
-      result.kind !== "result"
-    ) {
-      return { kind: "error", error: signal.reason };
-    }
-    if (
-      result.kind === "abandoned" &&
-      signal.reason instanceof ReconcileTimeoutError
-    ) {
-      return { kind: "error", error: signal.reason };
-    }
-    return result;
-  }
-
-  async #settle(
-    m: JsMsg,
-    msg: DriverMessage,
-    outcome: Outcome,
-    attempt: number,
-    flushLogs: () => Promise<void>,
-  ): Promise<void> {
-    if (outcome.kind === "abandoned") {
-      // Shutdown: the event goes back for another instance; its logs so far
-      // are kept, no result is reported.
-      await flushLogs().catch(() => {});
-      this.#stats.requeued++;
-      m.nak();
-      this.log.info("run {runId}: handed back to the stream on shutdown", {
-        runId: msg.run_id,
-      });
-      return;
-    }
-    let result: DriverResult;
-    let final = true;
-    if (outcome.kind === "error") {
-      const err = outcome.error;
-      const permanent = err instanceof PermanentError;
-      const text = errorMessage(err);
-      if (!permanent && attempt < this.o.maxAttempts) {
-        const delay = retryDelayFor(attempt, this.o);
-        this.log.warn(
-          "run {runId}: attempt {attempt}/{max} failed, retrying in {delay} ms: {error}",
-          {
-            runId: msg.run_id,
-            attempt,
-            max: this.o.maxAttempts,
-            delay,
-            error: text,
-            cause: err,
-          },
-        );
-        await flushLogs().catch(() => {});
-        this.#stats.retried++;
-        m.nak(delay);
-        return;
-      }
-      this.log.error("run {runId}: failed{after}: {error}", {
-        runId: msg.run_id,
-        after: permanent ? "" : ` after ${attempt} attempts`,
-        error: text,
-        cause: err,
-      });
-      result = {
-        success: false,
-        message: text,
-        data: { error: errorName(err), attempts: attempt },
-      };
-      final = false;
-    } else {
-      result = outcome.result;
-    }
-    let body: string;
-    try {
-      body = this.#encodeResult(msg.payload, msg.run_id, result);
-    } catch (err) {
-      // A BigInt or a cycle in `data`: no retry can fix that.
-      const text = `reconcile returned data that cannot be encoded as JSON: ${errorMessage(err)}`;
-      this.log.error("run {runId}: {error}", { runId: msg.run_id, error: text });
-      result = {
-        success: false,
-        message: text,
-        data: { error: "PermanentError", attempts: attempt },
-      };
-      final = false;
-      body = this.#encodeResult(msg.payload, msg.run_id, result);
-    }
-    try {
-      await flushLogs();
-      await this.#publishResult(body, resultMsgId(this.driver.name, msg.run_id, msg.id));
-    } catch (err) {
-      // Nothing was reported: let the event come back and try again.
-      this.#stats.requeued++;
-      this.log.error(
-        "run {runId}: cannot report the result, the event will be redelivered: {error}",
-        {
-          runId: msg.run_id,
-          error: String(err),
-        },
-      );
-      m.nak(retryDelayFor(attempt, this.o));
-      return;
-    }
-    if (result.success) this.#stats.succeeded++;
-    else this.#stats.failed++;
-    if (final) {
-      // Unconfirmed: a lost ack means a redelivery, whose result the
-      // Nats-Msg-Id deduplicates; drain() flushes acks on shutdown.
-      m.ack();
-    } else {
-      m.term(`failed: ${result.message}`.slice(0, 1_000));
-      await this.nc.flush().catch(() => {});
-    }
-  }
-
-  #encodeResult(resource: Resource, runId: string, result: DriverResult): string {
-    const envelope: ResultEnvelope = {
-      event: "driver.result",
-      run_id: runId,
-      resource,
-      driverresult: {
-        success: result.success,
-        message: result.message,
-        data: result.data ?? null,
-        driver: this.driver.name,
-      },
-    };
-    return JSON.stringify(envelope);
-  }
-
-  /** Publishes an encoded result, retrying with the same Nats-Msg-Id. */
-  async #publishResult(data: string, msgID: string): Promise<void> {
-    let last: unknown;
-    for (let i = 0; i < 5; i++) {
-      if (i > 0) await sleep(200 * 2 ** i);
-      try {
-        await this.js.publish(RESULT_SUBJECT, data, { msgID, timeout: 5_000 });
-        return;
-      } catch (err) {
-        last = err;
-      }
-    }
-    throw new PublishError(RESULT_SUBJECT, { cause: last });
-  }
-
-  #decode(m: JsMsg):
-    | { ok: true; message: DriverMessage }
-    | { ok: false; error: InvalidMessageError; raw: unknown } {
-    let raw: unknown;
-    try {
-      raw = JSON.parse(decoder.decode(m.data));
-    } catch {
-      // parseDriverMessage below reports it with the parser's words.
-    }
-    try {
-      return { ok: true, message: parseDriverMessage(raw ?? m.data, m.subject) };
-    } catch (err) {
-      return { ok: false, error: err as InvalidMessageError, raw };
-    }
-  }
-
-  /** Terminates a message that can never be processed, reporting it where possible. */
-  async #reject(
-    m: JsMsg,
-    error: InvalidMessageError,
-    raw: unknown,
-  ): Promise<void> {
-    this.#stats.invalid++;
-    this.log.error("terminating message {seq} on {subject}: {error}", {
-      seq: m.seq,
-      subject: m.subject,
-      error: error.message,
-      issues: error.issues,
-    });
-    const runId = isRecord(raw) && typeof raw.run_id === "string" && raw.run_id !== ""
-      ? raw.run_id
-      : undefined;
-    const resource = isRecord(raw) ? readResource(raw.payload) : undefined;
-    if (runId && resource) {
-      const id = isRecord(raw) && typeof raw.id === "string" && raw.id
-        ? raw.id
-        : `seq-${m.info.streamSequence}`;
-      try {
-        await this.#publishResult(
-          this.#encodeResult(resource, runId, {
-            success: false,
-            message: error.message,
-            data: { error: error.name, issues: error.issues },
-          }),
-          resultMsgId(this.driver.name, runId, id),
-        );
-        this.#stats.failed++;
-      } catch (err) {
-        this.log.error(
-          "cannot report the invalid message of run {runId}: {error}",
-          { runId, error: String(err) },
-        );
-      }
-    }
-    m.term(error.message.slice(0, 1_000));
-    await this.nc.flush().catch(() => {});
+    const settled = handleDelivery(m, this.#deps);
+    this.#pending.add(settled);
+    settled.then(({ userDone }) => {
+      this.#pending.delete(settled);
+      // The slot is free only when the driver's code has really returned.
+      if (!this.#userCode.has(userDone)) this.#userCode.add(userDone);
+      return userDone.finally(() => this.#userCode.delete(userDone));
+    }).finally(() => this.#slots.release());
   }
 
   stop(): Promise<void> {
@@ -993,91 +507,70 @@ class Runtime {
     return this.#stopPromise;
   }
 
+  /**
+   * Stops pulling, waits up to `shutdownTimeout` for in-flight events, then
+   * aborts their reconciles (a grace to return), then hands back what is not
+   * settled, drains and closes: bounded by `shutdownTimeout` plus about 3 s.
+   * A second signal (`force`) skips the waiting.
+   */
   async #shutdown(): Promise<void> {
+    const { o, driver, nc } = this.#init;
+    const force = this.#forceAc.signal;
     this.#stopping = true;
     this.#slots.wake();
     this.#fetch?.stop();
-    await this.#loop.catch(() => {});
-    const inFlight = [...this.#inFlight];
-    if (inFlight.length > 0) {
-      this.log.info(
-        "waiting up to {timeout} ms for {count} in-flight reconcile(s)",
-        {
-          timeout: this.o.shutdownTimeout,
-          count: inFlight.length,
-        },
-      );
-      const all = Promise.all(inFlight.map((f) => f.done));
-      // The timer must not outlive the wait: it would keep the process up.
-      const waited = new AbortController();
-      const onForce = () => waited.abort();
-      this.#forceAbort.signal.addEventListener("abort", onForce, { once: true });
-      await Promise.race([all, sleep(this.o.shutdownTimeout, waited.signal)]);
-      waited.abort();
-      this.#forceAbort.signal.removeEventListener("abort", onForce);
-      if (this.#inFlight.size > 0) {
-        const reason = new ShutdownError();
-        for (const f of this.#inFlight) f.abort(reason);
-        await all;
-      }
+    if (this.#pending.size > 0) {
+      this.#log.info("waiting up to {timeout} ms for {count} in-flight event(s)", {
+        timeout: o.shutdownTimeout,
+        count: this.#pending.size,
+      });
     }
+    await this.#settled(o.shutdownTimeout, force);
+    if (this.#pending.size > 0) {
+      // Stop waiting: reconciles get ShutdownError and a grace to return.
+      this.#shutdownAc.abort(new ShutdownError());
+      await this.#settled(ABORT_GRACE_MS + SETTLE_GRACE_MS, force);
+    }
+    // Whatever is still storing logs or results goes back to the stream.
+    this.#settleAc.abort();
+    await this.#settled(500);
+    await Promise.race([this.#loop.catch(() => {}), pause(500)]);
     clearInterval(this.#heartbeat);
-    try {
-      await this.nc.drain();
-    } catch {
-      await this.nc.close().catch(() => {});
+    clearInterval(this.#check);
+    const drained = nc.drain().then(() => true, () => false);
+    if (!await Promise.race([drained, pause(DRAIN_MS).then(() => false)])) {
+      await nc.close().catch(() => {});
     }
-    this.#removeSignalHandlers();
-    this.log.info("driver {driver} stopped", {
-      driver: this.driver.name,
-      ...this.#stats,
-    });
+    // Signal handlers stay until here: a second signal means "stop now".
+    for (const c of this.#cleanups.splice(0)) c();
+    live.delete(this);
+    this.#log.info("driver {driver} stopped", { driver: driver.name, ...this.#deps.stats });
+    if (this.#userCode.size > 0) {
+      stuck.add(this);
+      void Promise.all(this.#userCode).then(() => stuck.delete(this));
+    }
+    if (this.#signalled && o.exitProcess) exitRequested = true;
+    exitWhenAllStopped(this.#log);
     this.#resolveClosed();
   }
-}
 
-/** The `Nats-Msg-Id` of a result: equal for every delivery of the same event. */
-export function resultMsgId(
-  driver: string,
-  runId: string,
-  messageId: string,
-): string {
-  return `driver.result.${driver}.${runId}.${messageId}`;
-}
-
-function isApiError(err: unknown, code: number): boolean {
-  return err instanceof JetStreamApiError && err.code === code;
-}
-
-function isRecord(x: unknown): x is Record<string, unknown> {
-  return typeof x === "object" && x !== null && !Array.isArray(x);
-}
-
-function readResource(payload: unknown): Resource | undefined {
-  let value = payload;
-  if (typeof value === "string") {
+  /** Waits until nothing is pending, `ms` passed, or `signal` aborted. */
+  async #settled(ms: number, signal?: AbortSignal): Promise<void> {
+    if (this.#pending.size === 0 || signal?.aborted) return;
+    const ac = new AbortController();
+    const onAbort = () => ac.abort();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    const timer = setLongTimeout(() => ac.abort(), ms);
     try {
-      value = JSON.parse(value);
-    } catch {
-      return undefined;
+      while (this.#pending.size > 0 && !ac.signal.aborted) {
+        await Promise.race([
+          Promise.all(this.#pending),
+          new Promise((r) => ac.signal.addEventListener("abort", r, { once: true })),
+        ]);
+      }
+    } finally {
+      timer.clear();
+      signal?.removeEventListener("abort", onAbort);
     }
   }
-  const r = v.safeParse(ResourceSchema, value);
-  return r.success ? r.output : undefined;
-}
-
-function issuesOf(issues: readonly v.BaseIssue<unknown>[]): MessageIssue[] {
-  return issues.map((i) => ({
-    path: v.getDotPath(i) ?? "",
-    message: i.message,
-  }));
-}
-
-function errorMessage(err: unknown): string {
-  if (err instanceof Error) return err.message || err.name;
-  return typeof err === "string" ? err : `non-Error thrown: ${String(err)}`;
-}
-
-function errorName(err: unknown): string {
-  return err instanceof Error ? err.name : typeof err;
 }

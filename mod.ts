@@ -21,18 +21,17 @@
  */
 
 // manager.ts
-export {
-  type DriverStats,
-  filterSubjects,
-  MESSAGES_STREAM,
-  RESULT_SUBJECT,
-  resultMsgId,
-  type RunningDriver,
-  serve,
-  startDriver,
-} from "./manager.ts";
+export { type RunningDriver, serve, startDriver } from "./manager.ts";
+// run.ts
+export { type DriverStats } from "./run.ts";
+// driver.ts
+export { type Driver, type ReconcileContext } from "./driver.ts";
+// consumer.ts
+export { filterSubjects, MESSAGES_STREAM } from "./consumer.ts";
+// decide.ts
+export { RESULT_SUBJECT, resultMsgId } from "./decide.ts";
 // options.ts
-export { ENV, parseDuration, type ServeOptions } from "./options.ts";
+export { type ConsumerPolicy, ENV, parseDuration, type ServeOptions } from "./options.ts";
 // logger.ts
 export { type DriverLogger, type Labels, type Level } from "./logger.ts";
 // types.ts
@@ -40,7 +39,6 @@ export {
   type BroadcastMessage,
   type BroadcastResponse,
   type CreateResourceResponse,
-  type Driver,
   type DriverMessage,
   type DriverResult,
   type DriverResultEvent,
@@ -49,7 +47,6 @@ export {
   type LogEntry,
   parseDriverMessage,
   type Pipeline,
-  type ReconcileContext,
   type Resource,
   type ResourceDefinition,
   type ResourceDefinitionInit,

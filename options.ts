@@ -4,8 +4,8 @@
  *
  * @module
  */
-import process from "node:process";
 import type { NodeConnectionOptions } from "@nats-io/transport-node";
+import { MAX_TIMER_MS, readEnv } from "./_util.ts";
 import { ConfigError } from "./errors.ts";
 import { authFromEnv, type AuthOptions, type Identity } from "./auth.ts";
 import type { Client } from "./client.ts";
@@ -45,26 +45,41 @@ export interface ServeOptions {
   signal?: AbortSignal;
   /**
    * Whether SIGINT and SIGTERM start a graceful shutdown when no `signal` is
-   * given. A second signal during shutdown stops waiting for in-flight work.
+   * given. A second signal during shutdown stops at once.
    * @default true
    */
   handleSignals?: boolean;
   /**
+   * After a shutdown started by SIGINT or SIGTERM, whether to end the
+   * process (exit code 0) when a reconcile that ignores `ctx.signal` would
+   * keep it alive. It happens only once every driver started in the process
+   * has stopped; their events were handed back first.
+   * @default true when the runtime handles signals
+   */
+  exitProcess?: boolean;
+  /**
    * How long a graceful shutdown waits for in-flight reconciles, in ms; then
    * their `ctx.signal` is aborted and their events go back to the stream.
-   * Env `CONVEYOR_SHUTDOWN_TIMEOUT` (ms, or with a unit: `30s`, `2m`).
+   * `stop()` returns within this plus about 3 s, whatever the state of NATS.
+   * `Infinity` waits for ever. Env `CONVEYOR_SHUTDOWN_TIMEOUT` (ms, or with a
+   * unit: `30s`, `2m`).
    * @default 30_000
    */
   shutdownTimeout?: number;
   /**
-   * Limit for one reconcile, in ms; 0 means none. When exceeded, `ctx.signal`
-   * aborts with a `ReconcileTimeoutError` and the attempt counts as failed.
+   * Limit for one reconcile, in ms; 0 or `Infinity` means none. When
+   * exceeded, `ctx.signal` aborts with a `ReconcileTimeoutError` and the
+   * attempt counts as failed. A reconcile that ignores the signal keeps its
+   * concurrency slot until it really returns (`stats().hung`).
    * Env `CONVEYOR_RECONCILE_TIMEOUT`.
    * @default 0
    */
   reconcileTimeout?: number;
   /**
    * Deliveries of one event before it is reported as failed and terminated.
+   * Every delivery counts: failed attempts, hand-backs on shutdown, events
+   * this instance does not handle, redeliveries after a crash. The
+   * consumer's `max_deliver` is set a few above it as a server-side backstop.
    * Env `CONVEYOR_MAX_ATTEMPTS`.
    * @default 5
    */
@@ -83,22 +98,35 @@ export interface ServeOptions {
   retryMaxDelay?: number;
   /**
    * The consumer's `ack_wait`, in ms: a delivery not acknowledged within it
-   * goes to another instance. The runtime signals progress every third of it
-   * while a reconcile runs, so long jobs are not redelivered.
+   * goes to another instance. The runtime signals progress every third of
+   * the consumer's current `ack_wait` while a reconcile runs, so long jobs
+   * are not redelivered. A start never lowers it (see `consumerPolicy`).
    * Env `CONVEYOR_ACK_WAIT`.
    * @default 30_000
    */
   ackWait?: number;
   /**
    * The consumer's `max_ack_pending`: deliveries in flight across all
-   * instances of the driver. Env `CONVEYOR_MAX_ACK_PENDING`.
+   * instances of the driver. A start never lowers it (see `consumerPolicy`).
+   * Env `CONVEYOR_MAX_ACK_PENDING`.
    * @default 1_000
    */
   maxAckPending?: number;
   /**
+   * How a start changes a consumer that exists with other settings, as
+   * when instances of two versions of the driver share it during a rolling
+   * deploy. `"widen"`: take the union of the resource types and events, the
+   * larger `ack_wait`, `max_ack_pending` and `max_deliver`; never narrow
+   * anything. `"replace"`: set exactly this instance's settings, once at
+   * start (use it to remove a resource type after every instance runs the
+   * new version). Env `CONVEYOR_CONSUMER_POLICY`.
+   * @default "widen"
+   */
+  consumerPolicy?: ConsumerPolicy;
+  /**
    * How long to keep trying to reach NATS at start-up, in ms, before `serve`
-   * rejects with a `ConnectError`. Once connected, the runtime reconnects
-   * for ever. Env `CONVEYOR_CONNECT_TIMEOUT`.
+   * rejects with a `ConnectError`; `Infinity` tries for ever. Once
+   * connected, the runtime reconnects for ever. Env `CONVEYOR_CONNECT_TIMEOUT`.
    * @default 10_000
    */
   connectTimeout?: number;
@@ -133,12 +161,17 @@ export interface ServeOptions {
   client?: Client;
 }
 
+/** How a start changes an existing consumer: see {@link ServeOptions.consumerPolicy}. */
+export type ConsumerPolicy = "widen" | "replace";
+
 /** Options with every default applied. */
 export interface ResolvedOptions {
   servers: string[];
   concurrency: number;
   signal?: AbortSignal;
   handleSignals: boolean;
+  exitProcess: boolean;
+  consumerPolicy: ConsumerPolicy;
   shutdownTimeout: number;
   reconcileTimeout: number;
   maxAttempts: number;
@@ -175,20 +208,11 @@ export const ENV = {
   retryMaxDelay: "CONVEYOR_RETRY_MAX_DELAY",
   ackWait: "CONVEYOR_ACK_WAIT",
   maxAckPending: "CONVEYOR_MAX_ACK_PENDING",
+  consumerPolicy: "CONVEYOR_CONSUMER_POLICY",
   connectTimeout: "CONVEYOR_CONNECT_TIMEOUT",
   logLevel: "CONVEYOR_LOG_LEVEL",
   apiUrl: "CONVEYOR_API_URL",
 } as const;
-
-/** Reads an environment variable; undefined when unset or not permitted (Deno). */
-export function readEnv(name: string): string | undefined {
-  try {
-    const value = process.env[name];
-    return value === undefined || value.trim() === "" ? undefined : value.trim();
-  } catch {
-    return undefined;
-  }
-}
 
 const UNITS: Record<string, number> = {
   ms: 1,
@@ -199,19 +223,36 @@ const UNITS: Record<string, number> = {
 
 /**
  * Parses a duration: a number of milliseconds, or a number with a unit
- * (`ms`, `s`, `m`, `h`), e.g. `"1500"`, `"30s"`, `"2.5m"`.
+ * (`ms`, `s`, `m`, `h`), e.g. `"1500"`, `"30s"`, `"2.5m"`; `"Infinity"` is
+ * `Infinity` (no limit, where an option allows it).
+ *
+ * @example
+ * ```ts
+ * import { parseDuration } from "@conveyor/driver";
+ * parseDuration("2m"); // 120000
+ * parseDuration("soon"); // undefined
+ * ```
  */
 export function parseDuration(text: string): number | undefined {
+  if (/^\s*infinity\s*$/i.test(text)) return Infinity;
   const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(text.trim());
   if (!m) return undefined;
   return Math.round(Number(m[1]) * UNITS[m[2] ?? "ms"]);
 }
 
+interface Bounds {
+  /** A duration in ms (else an integer). */
+  duration?: boolean;
+  min: number;
+  /** Whether `Infinity` means "no limit" for this option. */
+  unbounded?: boolean;
+}
+
 function pick(
-  field: keyof typeof ENV,
+  field: Exclude<keyof typeof ENV, "consumerPolicy">,
   given: number | undefined,
   fallback: number,
-  opts: { duration?: boolean; min: number },
+  opts: Bounds,
 ): number {
   let value = given;
   let source = `option ${field}`;
@@ -229,14 +270,23 @@ function pick(
     }
   }
   if (value === undefined) return fallback;
+  if (typeof value !== "number" || Number.isNaN(value)) {
+    throw new ConfigError(field, `${source} must be a number`);
+  }
+  if (value === Infinity && opts.unbounded) return value;
+  // Timers of 2^31 ms or more fire at once on every runtime: refuse them
+  // rather than let "720h" mean "now".
+  const max = opts.duration ? MAX_TIMER_MS : Number.MAX_SAFE_INTEGER;
   if (
-    !Number.isFinite(value) || value < opts.min ||
+    !Number.isFinite(value) || value < opts.min || value > max ||
     (!opts.duration && !Number.isInteger(value))
   ) {
-    throw new ConfigError(
-      field,
-      `${source} must be ${opts.duration ? "a duration" : "an integer"} >= ${opts.min}`,
-    );
+    const range = opts.duration
+      ? `a duration between ${opts.min} ms and ${max} ms (24.8 days)${
+        opts.unbounded ? ", or Infinity for no limit" : ""
+      }`
+      : `an integer >= ${opts.min}`;
+    throw new ConfigError(field, `${source} must be ${range}`);
   }
   return value;
 }
@@ -278,18 +328,35 @@ export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
     nats.token = readEnv("NATS_TOKEN");
   }
 
+  const consumerPolicy = options.consumerPolicy ?? readEnv(ENV.consumerPolicy) ?? "widen";
+  if (consumerPolicy !== "widen" && consumerPolicy !== "replace") {
+    throw new ConfigError(
+      "consumerPolicy",
+      `${
+        options.consumerPolicy === undefined
+          ? `${ENV.consumerPolicy}=${consumerPolicy}`
+          : "option consumerPolicy"
+      } must be "widen" or "replace"`,
+    );
+  }
+  const handleSignals = options.handleSignals ?? options.signal === undefined;
+
   const resolved: ResolvedOptions = {
     servers,
     concurrency: pick("concurrency", options.concurrency, 16, { min: 1 }),
     signal: options.signal,
-    handleSignals: options.handleSignals ?? options.signal === undefined,
+    handleSignals,
+    exitProcess: options.exitProcess ?? handleSignals,
+    consumerPolicy,
     shutdownTimeout: pick("shutdownTimeout", options.shutdownTimeout, 30_000, {
       duration: true,
       min: 0,
+      unbounded: true,
     }),
     reconcileTimeout: pick("reconcileTimeout", options.reconcileTimeout, 0, {
       duration: true,
       min: 0,
+      unbounded: true,
     }),
     maxAttempts: pick("maxAttempts", options.maxAttempts, 5, { min: 1 }),
     retryDelay: pick("retryDelay", options.retryDelay, 1_000, {
@@ -310,6 +377,7 @@ export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
     connectTimeout: pick("connectTimeout", options.connectTimeout, 10_000, {
       duration: true,
       min: 0,
+      unbounded: true,
     }),
     configureLogging: options.configureLogging ?? true,
     logLevel,
@@ -319,21 +387,4 @@ export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
     client: options.client,
   };
   return resolved;
-}
-
-/**
- * Delay before redelivering an event whose attempt `attempt` (1-based) failed:
- * exponential from `retryDelay`, capped at `retryMaxDelay`, ±20% jitter so
- * that failures of many events do not come back in lockstep.
- */
-export function retryDelayFor(
-  attempt: number,
-  o: Pick<ResolvedOptions, "retryDelay" | "retryMaxDelay">,
-): number {
-  const base = Math.min(
-    o.retryMaxDelay,
-    o.retryDelay * 2 ** Math.max(0, attempt - 1),
-  );
-  const jitter = base * 0.2 * (Math.random() * 2 - 1);
-  return Math.max(0, Math.round(Math.min(o.retryMaxDelay, base + jitter)));
 }

@@ -2,7 +2,8 @@ import { afterEach, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
 import { ConfigError } from "./errors.ts";
-import { ENV, parseDuration, resolveOptions, retryDelayFor } from "./options.ts";
+import { ENV, parseDuration, resolveOptions } from "./options.ts";
+import { backoff as retryDelayFor } from "./_util.ts";
 
 const saved = { ...process.env };
 afterEach(() => {

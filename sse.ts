@@ -8,7 +8,7 @@
  */
 import { createParser } from "eventsource-parser";
 import { ApiNetworkError, ApiTimeoutError, ConveyorApiError, ConveyorError } from "./errors.ts";
-import { retryDelayFor } from "./options.ts";
+import { backoff, httpErrorText, parseRetryAfter, sleep } from "./_util.ts";
 
 /** One Server-Sent Event. Comments (`: heartbeat`) are not events. */
 export interface SseEvent {
@@ -167,7 +167,7 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
         const text = await res.text().catch(() => "");
         const apiError = new ConveyorApiError({
           status: res.status,
-          error: errorText(res, text),
+          error: httpErrorText(res, text),
           ...where,
         });
         if (!RETRY_STATUS.has(res.status)) throw new Fatal(apiError);
@@ -250,7 +250,7 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
     failures++;
     if (failures > maxRetries) throw error;
     const base = serverRetry ?? initialDelay;
-    let delay = retryDelayFor(failures, {
+    let delay = backoff(failures, {
       retryDelay: base,
       retryMaxDelay: Math.max(maxDelay, base),
     });
@@ -263,54 +263,4 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
 /** Wraps an error that must end the iteration without a reconnect. */
 class Fatal {
   constructor(readonly error: unknown) {}
-}
-
-/**
- * The server's error text from an error response: the `error` (or `message`)
- * field of a JSON body, else the body as text, else the status text.
- */
-export function errorText(res: Response, body: string): string {
-  const text = body.trim();
-  if (text.startsWith("{")) {
-    try {
-      const json = JSON.parse(text) as Record<string, unknown>;
-      const msg = json.error ?? json.message;
-      if (typeof msg === "string" && msg !== "") return msg;
-    } catch {
-      // not JSON after all: use the text
-    }
-  }
-  return text || res.statusText || `HTTP ${res.status}`;
-}
-
-/**
- * Milliseconds a `Retry-After` header asks to wait: delta-seconds or an HTTP
- * date; undefined when absent or unreadable.
- */
-export function parseRetryAfter(
-  value: string | null,
-  now: number = Date.now(),
-): number | undefined {
-  if (value === null) return undefined;
-  const text = value.trim();
-  if (/^\d+$/.test(text)) return Number(text) * 1_000;
-  const date = Date.parse(text);
-  return Number.isNaN(date) ? undefined : Math.max(0, date - now);
-}
-
-/** Resolves after `ms`, or rejects with the signal's reason when it aborts first. */
-export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason);
-    const timer = setTimeout(done, ms);
-    signal?.addEventListener("abort", onAbort, { once: true });
-    function done() {
-      signal?.removeEventListener("abort", onAbort);
-      resolve();
-    }
-    function onAbort() {
-      clearTimeout(timer);
-      reject(signal!.reason);
-    }
-  });
 }

@@ -10,8 +10,6 @@
  * @module
  */
 import * as v from "valibot";
-import type { DriverLogger } from "./logger.ts";
-import type { Client } from "./client.ts";
 import { InvalidMessageError } from "./errors.ts";
 
 /** Any JSON value, as carried in `spec` and in a result's `data`. */
@@ -120,6 +118,9 @@ export interface LogEntry {
 
 const nonEmpty = v.pipe(v.string(), v.minLength(1, "must not be empty"));
 
+/** Longest DriverMessage `id` accepted (the server's are UUIDs). */
+export const MAX_ID_LENGTH = 256;
+
 /**
  * Schema of an incoming Resource. Unknown top-level fields are kept rather
  * than rejected, so a newer server does not break older drivers.
@@ -157,7 +158,12 @@ const PayloadSchema = v.pipe(
 export const DriverMessageSchema: v.GenericSchema<unknown, DriverMessage> = v
   .looseObject({
     event: nonEmpty,
-    id: nonEmpty,
+    id: v.pipe(
+      nonEmpty,
+      v.maxLength(MAX_ID_LENGTH, `must be at most ${MAX_ID_LENGTH} characters`),
+      // The id goes into the result's Nats-Msg-Id header, where CR or LF is invalid.
+      v.regex(/^[^\x00-\x1f\x7f]*$/, "must not contain control characters"),
+    ),
     run_id: v.pipe(v.string(), v.uuid("run_id must be a UUID")),
     payload: PayloadSchema,
   });
@@ -205,77 +211,6 @@ export function nameProblem(name: unknown, what: string): string | undefined {
       "names go into NATS subjects and must not contain whitespace, '.', '*', '>', '/' or '\\'";
   }
   return undefined;
-}
-
-/**
- * Everything `reconcile` gets for one event.
- */
-export interface ReconcileContext {
-  /** The resource the event is about (the decoded `payload`). */
-  resource: Resource;
-  /** The whole DriverMessage, payload decoded. */
-  message: DriverMessage;
-  /** The event name, e.g. `create`. */
-  event: string;
-  /** The run identifier (a UUID). */
-  runId: string;
-  /** Logger bound to this run; lines reach Conveyor's log store. */
-  logger: DriverLogger;
-  /**
-   * Aborted when the runtime gives up on this reconcile: `reconcileTimeout`
-   * passed (reason `ReconcileTimeoutError`) or a shutdown stopped waiting
-   * (reason `ShutdownError`). Pass it on to fetch, child processes, etc.
-   */
-  signal: AbortSignal;
-  /** Delivery attempt of this event, 1 on first delivery. */
-  attempt: number;
-  /**
-   * The Conveyor API client, signed with the driver's identity; present when
-   * the runtime knows the API's URL (option `apiUrl`, env `CONVEYOR_API_URL`)
-   * or was given a `client`.
-   */
-  client?: Client;
-}
-
-/**
- * A driver: which resource types it handles and what it does with them.
- *
- * @example
- * ```ts
- * import { serve, type Driver } from "@conveyor/driver";
- * const echo: Driver = {
- *   name: "echo",
- *   resources: ["pipeline"],
- *   reconcile({ resource, logger }) {
- *     logger.info(`hello ${resource.name}`);
- *     return { success: true, message: "ok" };
- *   },
- * };
- * await serve(echo);
- * ```
- */
-export interface Driver {
-  /**
-   * The driver's name: its consumer's name and part of its subjects. No
-   * whitespace, `.`, `*`, `>`, `/` or `\`.
-   */
-  name: string;
-  /** Resource types to receive events for, e.g. `["pipeline"]`. */
-  resources: readonly string[];
-  /**
-   * Event names to handle, e.g. `["create"]`; others are acknowledged and
-   * skipped without a result. All events when absent.
-   */
-  events?: readonly string[];
-  /**
-   * Does the work for one event. Return a `DriverResult` (or nothing, which
-   * counts as success) to report it; throw to have the event retried, and
-   * reported as failed after the last attempt. Throw `PermanentError` to fail
-   * at once without retries.
-   */
-  reconcile(
-    ctx: ReconcileContext,
-  ): DriverResult | void | Promise<DriverResult | void>;
 }
 
 /**

@@ -1,0 +1,643 @@
+/**
+ * One event, top to bottom: decode the delivery, admit it, run `reconcile`,
+ * decide what its outcome leads to, then carry that out (publish logs and
+ * result, acknowledge, retry later, terminate or hand back), within bounded
+ * time and without throwing.
+ *
+ * @module
+ */
+import type { Logger } from "@logtape/logtape";
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { JetStreamClient, JsMsg } from "@nats-io/jetstream";
+import * as v from "valibot";
+import { backoff, errorText, isRecord, pause, setLongTimeout } from "./_util.ts";
+import type { Client } from "./client.ts";
+import type { Fleet } from "./consumer.ts";
+import {
+  admit,
+  type AttemptPolicy,
+  decide,
+  type Decision,
+  fitResult,
+  type Outcome,
+  RESULT_SUBJECT,
+  resultMsgId,
+} from "./decide.ts";
+import type { Driver, ReconcileContext } from "./driver.ts";
+import {
+  type InvalidMessageError,
+  PublishError,
+  ReconcileTimeoutError,
+  ShutdownError,
+} from "./errors.ts";
+import { createRunLog, type RunLog } from "./logger.ts";
+import {
+  type DriverMessage,
+  type DriverResult,
+  MAX_ID_LENGTH,
+  parseDriverMessage,
+  type Resource,
+  ResourceSchema,
+} from "./types.ts";
+
+/** Counters of a running driver, for health checks and metrics. */
+export interface DriverStats {
+  /** Messages received from the consumer. */
+  received: number;
+  /** Results published with `success: true`. */
+  succeeded: number;
+  /** Results published with `success: false` (returned, permanent, or out of attempts). */
+  failed: number;
+  /** Failed attempts handed back for a later retry. */
+  retried: number;
+  /** Malformed messages terminated. */
+  invalid: number;
+  /** Events acknowledged without a reconcile: no version of the driver handles their event name. */
+  skipped: number;
+  /**
+   * Deliveries handed back without a result: on shutdown, after a publish
+   * failure, or because this instance does not handle them.
+   */
+  requeued: number;
+  /** Reconciles running now, hung ones included (each holds a concurrency slot). */
+  inFlight: number;
+  /**
+   * Reconciles still running after the runtime gave up on them (timeout or
+   * shutdown) because they ignore `ctx.signal`; their events were settled.
+   */
+  hung: number;
+}
+
+/** How long a reconcile that was aborted gets to return before the runtime moves on. */
+export const ABORT_GRACE_MS = 1_000;
+/** How long storing one event's logs and result is retried before it is handed back. */
+export const SETTLE_LIMIT_MS = 60_000;
+/** The result publish's own timeout per try. */
+const PUBLISH_TIMEOUT_MS = 5_000;
+
+/** What the per-event path needs from the runtime that runs it. */
+export interface EventDeps {
+  driver: Driver;
+  /** The attempt budget and retry delays. */
+  policy: AttemptPolicy;
+  /** Limit for one reconcile in ms (0 or Infinity: none). */
+  reconcileTimeout: number;
+  nc: NatsConnection;
+  js: JetStreamClient;
+  /** The runtime's own LogTape logger. */
+  log: Logger;
+  client?: Client;
+  stats: DriverStats;
+  /** Resource types this instance handles. */
+  types: ReadonlySet<string>;
+  /** Event names this instance handles; all when undefined. */
+  events?: ReadonlySet<string>;
+  /** The consumer's current settings. */
+  fleet(): Fleet;
+  /** Stream sequences whose reconcile runs here now (hung ones included), with a count. */
+  running: Map<number, number>;
+  /** Deliveries told "still working" on every heartbeat. */
+  working: Set<JsMsg>;
+  /** Events whose result is stored, should their ack be lost. */
+  memory: ResultMemory;
+  /** Aborted (reason `ShutdownError`) when a shutdown stops waiting for reconciles. */
+  shutdown: AbortSignal;
+  /** Aborted when a second signal asks to stop at once: no grace. */
+  force: AbortSignal;
+  /** Aborted when settling must end: what is not settled is handed back. */
+  settleDeadline: AbortSignal;
+}
+
+/**
+ * Stream sequences of events whose result this instance stored and acked,
+ * kept for a while: if the ack is lost (a node of the cluster dies), the
+ * redelivery is acknowledged again rather than reconciled and reported
+ * twice. Bounded in entries and age.
+ */
+export class ResultMemory {
+  readonly #entries = new Map<number, number>();
+  readonly #max: number;
+  #ttl: number;
+  /** Keeps at most `max` entries, each for `ttl` ms. */
+  constructor(max: number, ttl: number) {
+    this.#max = max;
+    this.#ttl = ttl;
+  }
+  /** Sets how long entries are kept, in ms. */
+  set ttl(ms: number) {
+    this.#ttl = ms;
+  }
+  /** Remembers that the result of the event at stream sequence `seq` is stored. */
+  add(seq: number, now: number = Date.now()): void {
+    this.#entries.delete(seq);
+    this.#entries.set(seq, now + this.#ttl);
+    if (this.#entries.size > this.#max) {
+      this.#entries.delete(this.#entries.keys().next().value!);
+    }
+  }
+  /** Whether a result is known stored for `seq`. */
+  has(seq: number, now: number = Date.now()): boolean {
+    const until = this.#entries.get(seq);
+    if (until === undefined) return false;
+    if (until >= now) return true;
+    this.#entries.delete(seq);
+    return false;
+  }
+  /** Drops expired entries (oldest first). */
+  prune(now: number = Date.now()): void {
+    for (const [seq, until] of this.#entries) {
+      if (until >= now) break;
+      this.#entries.delete(seq);
+    }
+  }
+  /** Entries held. */
+  get size(): number {
+    return this.#entries.size;
+  }
+}
+
+/** What {@link handleDelivery} leaves running: the driver's code, when it outlives the event. */
+export interface Handled {
+  /** Settles when the driver's reconcile (if it ran) has really returned. */
+  userDone: Promise<void>;
+}
+
+const decoder = new TextDecoder();
+const NOTHING_RAN: Handled = { userDone: Promise.resolve() };
+
+/**
+ * Handles one delivery until it is settled (acknowledged, terminated or
+ * handed back). Never rejects: an unexpected error hands the event back
+ * (counted against its attempts) or, on its last attempt, terminates it.
+ */
+export async function handleDelivery(m: JsMsg, deps: EventDeps): Promise<Handled> {
+  deps.stats.received++;
+  try {
+    return await handle(m, deps);
+  } catch (err) {
+    // A runtime bug or a lost connection: hand the event back rather than
+    // drop it; its delivery count keeps this from looping for ever.
+    const attempt = m.info.deliveryCount;
+    deps.log.error("event at stream sequence {seq} failed in the runtime: {error}", {
+      seq: m.info.streamSequence,
+      error: errorText(err),
+      cause: err,
+    });
+    deps.working.delete(m);
+    try {
+      if (attempt >= deps.policy.maxAttempts) {
+        m.term(`runtime error: ${errorText(err)}`.slice(0, 1_000));
+      } else m.nak(backoff(attempt, deps.policy));
+    } catch { /* connection gone: ack_wait redelivers it */ }
+    return NOTHING_RAN;
+  }
+}
+
+async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
+  const seq = m.info.streamSequence;
+  const attempt = m.info.deliveryCount;
+  if (deps.memory.has(seq)) {
+    // Its result is stored; the ack was lost. Acknowledge, do not rerun.
+    deps.log.info("event at stream sequence {seq} already has its result stored: acknowledging", {
+      seq,
+    });
+    m.ack();
+    return NOTHING_RAN;
+  }
+
+  const decoded = decode(m);
+  if (!decoded.ok) {
+    await reject(m, decoded.error, decoded.raw, deps);
+    return NOTHING_RAN;
+  }
+  const { message: msg, resourceJson } = decoded;
+  const type = typeOf(m.subject, msg.payload);
+  const admission = admit({
+    attempt,
+    type,
+    handlesType: deps.types.has(type),
+    event: msg.event,
+    eventHandler: eventHandler(msg.event, deps),
+    runningHere: deps.running.has(seq),
+  }, deps.policy);
+  switch (admission.action) {
+    case "skip":
+      deps.stats.skipped++;
+      deps.log.debug("run {runId}: skipped: {reason}", {
+        runId: msg.run_id,
+        reason: admission.reason,
+      });
+      m.ack();
+      return NOTHING_RAN;
+    case "handBack":
+      deps.stats.requeued++;
+      deps.log.info("run {runId}: handed back for {delay} ms: {reason}", {
+        runId: msg.run_id,
+        delay: admission.delay,
+        reason: admission.reason,
+      });
+      m.nak(admission.delay);
+      return NOTHING_RAN;
+    case "fail":
+      deps.log.error("run {runId}: failed before reconcile: {reason}", {
+        runId: msg.run_id,
+        reason: admission.reason,
+      });
+      await carryOut(
+        m,
+        msg,
+        resourceJson,
+        { action: "report", result: admission.result, then: "term" },
+        undefined,
+        deps,
+      );
+      return NOTHING_RAN;
+    case "run":
+      break;
+  }
+
+  deps.working.add(m);
+  const run = createRunLog({
+    nc: deps.nc,
+    js: deps.js,
+    driver: deps.driver.name,
+    runId: msg.run_id,
+    pipeline: msg.payload.pipeline || undefined,
+    attempts: Infinity,
+    onLate: (line) =>
+      deps.log.warn(
+        "run {runId}: lines logged after reconcile returned are not stored (first: {line})",
+        { runId: msg.run_id, line: line.slice(0, 200) },
+      ),
+  });
+  const { outcome, userDone } = reconcile(m, msg, run, deps);
+  const ended = await outcome;
+  run.seal();
+  const decision = decide(ended, attempt, deps.policy);
+  await carryOut(m, msg, resourceJson, decision, run, deps);
+  return { userDone };
+}
+
+/** Type of the event's resource: its subject's last token (what the filter matched). */
+function typeOf(subject: string, resource: Resource): string {
+  const dot = subject.lastIndexOf(".");
+  return subject.startsWith("resources.") || subject.startsWith("drivers.")
+    ? subject.slice(dot + 1)
+    : resource.resource;
+}
+
+function eventHandler(event: string, deps: EventDeps): "this" | "other" | "none" {
+  if (!deps.events || deps.events.has(event)) return "this";
+  const fleet = deps.fleet().events;
+  return fleet === "*" || fleet.has(event) ? "other" : "none";
+}
+
+type Decoded =
+  | { ok: true; message: DriverMessage; resourceJson: string }
+  | { ok: false; error: InvalidMessageError; raw: unknown };
+
+function decode(m: JsMsg): Decoded {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(decoder.decode(m.data));
+  } catch {
+    // parseDriverMessage below reports it with the parser's words.
+  }
+  try {
+    const message = parseDriverMessage(raw ?? m.data, m.subject);
+    return { ok: true, message, resourceJson: resourceJsonOf(raw, message.payload) };
+  } catch (err) {
+    return { ok: false, error: err as InvalidMessageError, raw };
+  }
+}
+
+/**
+ * The Resource as received, as JSON: the server's payload string as is
+ * (nothing to re-encode, and it cannot fail on deep nesting), else the
+ * object encoded; should that fail, the resource without its spec.
+ */
+function resourceJsonOf(raw: unknown, resource: Resource): string {
+  if (isRecord(raw) && typeof raw.payload === "string") return raw.payload;
+  try {
+    return JSON.stringify(resource);
+  } catch {
+    const { spec: _spec, ...rest } = resource;
+    try {
+      return JSON.stringify({ ...rest, spec: null });
+    } catch {
+      return JSON.stringify({
+        id: resource.id,
+        name: resource.name,
+        resource: resource.resource,
+        metadata: {},
+        spec: null,
+      });
+    }
+  }
+}
+
+/** Runs the driver's reconcile with its deadline; see {@link handle}. */
+function reconcile(
+  m: JsMsg,
+  msg: DriverMessage,
+  run: RunLog,
+  deps: EventDeps,
+): { outcome: Promise<Outcome>; userDone: Promise<void> } {
+  const seq = m.info.streamSequence;
+  const ac = new AbortController();
+  const signal = ac.signal;
+  let settle!: (o: Outcome) => void;
+  let ended = false;
+  const outcome = new Promise<Outcome>((resolve) => {
+    settle = (o) => {
+      if (ended) return;
+      ended = true;
+      resolve(o);
+    };
+  });
+
+  let grace: ReturnType<typeof setLongTimeout> | undefined;
+  const giveUp = (reason: unknown) => {
+    if (signal.aborted) return;
+    ac.abort(reason);
+    const abandoned = (): Outcome =>
+      reason instanceof ReconcileTimeoutError
+        ? { kind: "timedOut", error: reason }
+        : { kind: "abandoned" };
+    // A cooperative reconcile gets a moment to return; then the runtime
+    // settles the event and the code, if it keeps running, is hung.
+    if (deps.force.aborted) settle(abandoned());
+    else grace = setLongTimeout(() => settle(abandoned()), ABORT_GRACE_MS);
+  };
+  const onShutdown = () => giveUp(deps.shutdown.reason ?? new ShutdownError());
+  const onForce = () => {
+    giveUp(new ShutdownError());
+    settle({ kind: "abandoned" });
+  };
+  if (deps.shutdown.aborted) queueMicrotask(onShutdown);
+  deps.shutdown.addEventListener("abort", onShutdown, { once: true });
+  deps.force.addEventListener("abort", onForce, { once: true });
+  const limit = deps.reconcileTimeout;
+  const timer = limit > 0 && limit !== Infinity
+    ? setLongTimeout(() => giveUp(new ReconcileTimeoutError(limit)), limit)
+    : undefined;
+
+  deps.running.set(seq, (deps.running.get(seq) ?? 0) + 1);
+  deps.stats.inFlight++;
+  const ctx: ReconcileContext = {
+    resource: msg.payload,
+    message: msg,
+    event: msg.event,
+    runId: msg.run_id,
+    logger: run.logger,
+    signal,
+    attempt: m.info.deliveryCount,
+    client: deps.client,
+  };
+  const user = new Promise((resolve) => resolve(deps.driver.reconcile(ctx)));
+  let finished = false;
+  let hung = false;
+  const userDone = user.then(
+    (value) => {
+      finished = true;
+      settle({ kind: "returned", value });
+    },
+    (error) => {
+      finished = true;
+      const reason = signal.aborted ? signal.reason : undefined;
+      settle(
+        reason === undefined
+          ? { kind: "threw", error }
+          : reason instanceof ReconcileTimeoutError
+          ? { kind: "timedOut", error: reason }
+          : { kind: "abandoned" },
+      );
+    },
+  ).finally(() => {
+    const n = deps.running.get(seq)! - 1;
+    if (n === 0) deps.running.delete(seq);
+    else deps.running.set(seq, n);
+    deps.stats.inFlight--;
+    if (hung) deps.stats.hung--;
+  });
+
+  outcome.then(() => {
+    timer?.clear();
+    grace?.clear();
+    deps.shutdown.removeEventListener("abort", onShutdown);
+    deps.force.removeEventListener("abort", onForce);
+    if (finished) return;
+    // Still running after the runtime gave up on it: it keeps its slot.
+    hung = true;
+    deps.stats.hung++;
+    deps.log.warn(
+      "run {runId}: reconcile ignores ctx.signal and still runs; it keeps its slot until it returns",
+      { runId: msg.run_id },
+    );
+  });
+  return { outcome, userDone };
+}
+
+/** Carries out a decision: logs, result, then ack, nak or term. Never throws. */
+async function carryOut(
+  m: JsMsg,
+  msg: DriverMessage,
+  resourceJson: string,
+  decision: Decision,
+  run: RunLog | undefined,
+  deps: EventDeps,
+): Promise<void> {
+  const attempt = m.info.deliveryCount;
+  const deadline = Date.now() + SETTLE_LIMIT_MS;
+  try {
+    if (decision.action === "retry" || decision.action === "handBack") {
+      // The logs of a failed or interrupted attempt are kept, best effort.
+      await run?.flush({ signal: deps.settleDeadline, deadline: Date.now() + 10_000 })
+        .catch(() => {});
+      if (decision.action === "retry") {
+        deps.stats.retried++;
+        deps.log.warn(
+          "run {runId}: attempt {attempt}/{max} failed, retrying in {delay} ms: {error}",
+          {
+            runId: msg.run_id,
+            attempt,
+            max: deps.policy.maxAttempts,
+            delay: decision.delay,
+            error: decision.reason,
+            cause: decision.error,
+          },
+        );
+        m.nak(decision.delay);
+      } else {
+        deps.stats.requeued++;
+        deps.log.info("run {runId}: handed back to the stream: {reason}", {
+          runId: msg.run_id,
+          reason: decision.reason,
+        });
+        m.nak();
+      }
+      return;
+    }
+
+    const fitted = fitResult(decision.result, {
+      driver: deps.driver.name,
+      runId: msg.run_id,
+      resourceJson,
+      maxPayload: deps.nc.info?.max_payload ?? 1024 * 1024,
+      attempt,
+    });
+    if (!fitted.ok) {
+      deps.stats.failed++;
+      deps.log.error("run {runId}: terminated without a result: {reason}", {
+        runId: msg.run_id,
+        reason: fitted.reason,
+      });
+      m.term(fitted.reason.slice(0, 1_000));
+      return;
+    }
+    const result = fitted.result;
+    const then = fitted.replaced ? "term" : decision.then;
+    if (fitted.replaced) {
+      deps.log.error("run {runId}: {error}", { runId: msg.run_id, error: fitted.replaced });
+    } else if (!result.success && then === "term") {
+      deps.log.error("run {runId}: failed after {attempt} attempt(s): {error}", {
+        runId: msg.run_id,
+        attempt,
+        error: result.message,
+      });
+    }
+    try {
+      await run?.flush({ signal: deps.settleDeadline, deadline });
+      await publishResult(
+        fitted.body,
+        resultMsgId(deps.driver.name, msg.run_id, msg.id),
+        deps,
+        deadline,
+      );
+    } catch (err) {
+      // Nothing was reported: let the event come back and try again.
+      deps.stats.requeued++;
+      deps.log.error(
+        "run {runId}: cannot store the logs or result, the event will be redelivered: {error}",
+        { runId: msg.run_id, error: errorText(err) },
+      );
+      m.nak(deps.settleDeadline.aborted ? undefined : backoff(attempt, deps.policy));
+      return;
+    }
+    if (result.success) deps.stats.succeeded++;
+    else deps.stats.failed++;
+    deps.memory.add(m.info.streamSequence);
+    if (then === "ack") m.ack();
+    else m.term(`failed: ${result.message}`.slice(0, 1_000));
+  } finally {
+    deps.working.delete(m);
+  }
+}
+
+/**
+ * Publishes an encoded result, retrying with the same Nats-Msg-Id (JetStream
+ * stores it once) until it is stored, `deadline` passes or the settle
+ * deadline aborts.
+ */
+async function publishResult(
+  body: Uint8Array | string,
+  msgID: string,
+  deps: EventDeps,
+  deadline: number,
+): Promise<void> {
+  let last: unknown;
+  for (let i = 0;; i++) {
+    try {
+      await deps.js.publish(RESULT_SUBJECT, body, { msgID, timeout: PUBLISH_TIMEOUT_MS });
+      return;
+    } catch (err) {
+      last = err;
+    }
+    if (deps.settleDeadline.aborted || Date.now() >= deadline) break;
+    await pause(Math.min(5_000, 100 * 2 ** i), deps.settleDeadline);
+    if (deps.settleDeadline.aborted) break;
+  }
+  throw new PublishError(RESULT_SUBJECT, { cause: last });
+}
+
+/** Terminates a message that can never be processed, reporting it where possible. */
+async function reject(
+  m: JsMsg,
+  error: InvalidMessageError,
+  raw: unknown,
+  deps: EventDeps,
+): Promise<void> {
+  deps.stats.invalid++;
+  const attempt = m.info.deliveryCount;
+  deps.log.error("terminating message {seq} on {subject}: {error}", {
+    seq: m.info.streamSequence,
+    subject: m.subject,
+    error: error.message,
+    issues: error.issues,
+  });
+  const runId = isRecord(raw) && typeof raw.run_id === "string" &&
+      v.is(v.pipe(v.string(), v.uuid()), raw.run_id)
+    ? raw.run_id
+    : undefined;
+  const resource = isRecord(raw) ? readResource(raw.payload) : undefined;
+  if (runId && resource) {
+    // An id unfit for a header (the reason it may be invalid) is replaced by
+    // the stream sequence: still the same for every delivery.
+    // deno-lint-ignore no-control-regex
+    const id = isRecord(raw) && typeof raw.id === "string" && /^[^\x00-\x1f\x7f]+$/.test(raw.id) &&
+        raw.id.length <= MAX_ID_LENGTH
+      ? raw.id
+      : `seq-${m.info.streamSequence}`;
+    const result: DriverResult = {
+      success: false,
+      message: error.message,
+      data: { error: error.name, issues: error.issues },
+    };
+    const fitted = fitResult(result, {
+      driver: deps.driver.name,
+      runId,
+      resourceJson: resource.json,
+      maxPayload: deps.nc.info?.max_payload ?? 1024 * 1024,
+      attempt,
+    });
+    if (fitted.ok) {
+      try {
+        await publishResult(
+          fitted.body,
+          resultMsgId(deps.driver.name, runId, id),
+          deps,
+          Date.now() + 10_000,
+        );
+        deps.stats.failed++;
+      } catch (err) {
+        if (attempt < deps.policy.maxAttempts) {
+          deps.log.error("cannot report the invalid message of run {runId}, retrying: {error}", {
+            runId,
+            error: errorText(err),
+          });
+          m.nak(backoff(attempt, deps.policy));
+          return;
+        }
+        deps.log.error("cannot report the invalid message of run {runId}: {error}", {
+          runId,
+          error: errorText(err),
+        });
+      }
+    }
+  }
+  m.term(error.message.slice(0, 1_000));
+}
+
+function readResource(payload: unknown): { json: string } | undefined {
+  let value = payload;
+  if (typeof value === "string") {
+    try {
+      value = JSON.parse(value);
+    } catch {
+      return undefined;
+    }
+  }
+  const r = v.safeParse(ResourceSchema, value);
+  if (!r.success) return undefined;
+  return { json: resourceJsonOf({ payload }, r.output) };
+}
