@@ -137,4 +137,48 @@ describe("DriverLogger", () => {
         err.name === "PublishError" && /logs\./.test(err.message) && err.cause !== undefined,
     );
   });
+
+  it("escapes CR and LF in label values instead of throwing and losing the line", async () => {
+    await using env = await conveyorEnv();
+    const runId = crypto.randomUUID();
+    const run = createRunLog({ nc: env.nc, js: jetstream(env.nc), driver: "crlf", runId });
+    assert.doesNotThrow(() =>
+      run.logger.info("kept", { branch: "main\r\nX-Injected: yes", tab: "a\tb" })
+    );
+    await run.flush();
+    const [m] = await readStream(env.nc, "logs-engine");
+    assert.equal((m.json as { message: string }).message, "kept");
+    assert.equal(m.headers["Conveyor-Label-branch"], "main\\r\\nX-Injected: yes");
+    assert.equal(m.headers["Conveyor-Label-tab"], "a\tb");
+    assert.equal(m.headers["X-Injected"], undefined);
+  });
+
+  it("mirrors the text to LogTape as a property, never as a template", async () => {
+    const records: LogRecord[] = [];
+    await configure({
+      sinks: { mem: (r: LogRecord) => records.push(r) },
+      loggers: [
+        { category: ["conveyor", "driver", "tpl"], lowestLevel: "debug", sinks: ["mem"] },
+        { category: ["logtape", "meta"], lowestLevel: "warning", sinks: [] },
+      ],
+      reset: true,
+    });
+    try {
+      await using env = await conveyorEnv();
+      const run = createRunLog({
+        nc: env.nc,
+        js: jetstream(env.nc),
+        driver: "tpl",
+        runId: crypto.randomUUID(),
+      });
+      const text = 'token={token} json={"a": 1} {}';
+      run.logger.info(text, { token: "s3cret" });
+      await run.flush();
+      const [rec] = records;
+      assert.equal(rec.message.join(""), text);
+      assert.equal(rec.properties.token, "s3cret", "labels stay properties");
+    } finally {
+      await reset();
+    }
+  });
 });

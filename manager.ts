@@ -289,6 +289,7 @@ class Runtime {
   #heartbeatMs = 0;
   #check?: ReturnType<typeof setInterval>;
   #checking = false;
+  #refreshing?: Promise<Fleet>;
   #stopping = false;
   #stopPromise?: Promise<void>;
   #fetch?: ConsumerMessages;
@@ -325,6 +326,7 @@ class Runtime {
       types: new Set(driver.resources),
       events: driver.events ? new Set(driver.events) : undefined,
       fleet: () => this.#fleet,
+      refreshFleet: () => this.#refreshFleet(),
       running: new Map(),
       working: new Set(),
       memory: new ResultMemory(10_000, 90_000),
@@ -387,6 +389,17 @@ class Runtime {
         } catch { /* reconnecting: the next beat or the ack will do */ }
       }
     }, ms);
+  }
+
+  /** Reads the consumer now; concurrent callers share one read. Never rejects. */
+  #refreshFleet(): Promise<Fleet> {
+    this.#refreshing ??= readConsumer(this.#init.jsm, this.#init.driver.name)
+      .then((info) => {
+        if (info) this.#follow(fleetOf(info.config));
+        return this.#fleet;
+      }, () => this.#fleet)
+      .finally(() => (this.#refreshing = undefined));
+    return this.#refreshing;
   }
 
   /**

@@ -145,6 +145,21 @@ describe("serve: starting up", () => {
     );
   });
 
+  it("keeps credentials in the server URL out of a ConnectError's message and JSON", async () => {
+    const server = await startNatsServer();
+    const port = server.port;
+    await server.stop();
+    const err = await startDriver({ name: "x", resources: ["pipeline"], reconcile() {} }, {
+      servers: [`nats://alice:s3cret@127.0.0.1:${port}`, `bob:hunter2@127.0.0.1:${port}`],
+      connectTimeout: 300,
+      ...quiet,
+    }).then(() => undefined, (e) => e);
+    assert.ok(err instanceof ConnectError);
+    const shown = `${err.message} ${JSON.stringify(err)} ${String(err)}`;
+    assert.doesNotMatch(shown, /s3cret|hunter2|alice|bob/);
+    assert.deepEqual(err.servers, [`nats://127.0.0.1:${port}`, `127.0.0.1:${port}`]);
+  });
+
   it("rejects with a StreamNotFoundError asking whether the Conveyor server runs", async () => {
     await using server = await startNatsServer();
     await assert.rejects(

@@ -84,6 +84,38 @@ describe("resolveOptions", () => {
     assert.throws(() => resolveOptions(), /CONVEYOR_LOG_LEVEL/);
   });
 
+  it("refuses durations a timer cannot hold, and takes Infinity as no limit where allowed", () => {
+    // "720h" once meant "fire after 1 ms" on every runtime.
+    process.env.CONVEYOR_RECONCILE_TIMEOUT = "720h";
+    assert.throws(
+      () => resolveOptions(),
+      (e) =>
+        e instanceof ConfigError && e.field === "reconcileTimeout" &&
+        /CONVEYOR_RECONCILE_TIMEOUT=720h.*24\.8 days.*Infinity/.test(e.message),
+    );
+    process.env.CONVEYOR_RECONCILE_TIMEOUT = "Infinity";
+    assert.equal(resolveOptions().reconcileTimeout, Infinity);
+    delete process.env.CONVEYOR_RECONCILE_TIMEOUT;
+    assert.equal(resolveOptions({ shutdownTimeout: Infinity }).shutdownTimeout, Infinity);
+    assert.equal(resolveOptions({ connectTimeout: Infinity }).connectTimeout, Infinity);
+    assert.throws(() => resolveOptions({ shutdownTimeout: 2 ** 31 }), /shutdownTimeout/);
+    assert.throws(() => resolveOptions({ ackWait: Infinity }), /ackWait/);
+    assert.throws(() => resolveOptions({ retryMaxDelay: 2 ** 31 }), /retryMaxDelay/);
+    assert.throws(() => resolveOptions({ maxAttempts: Infinity }), /maxAttempts/);
+  });
+
+  it("reads the consumer policy and exit behaviour", () => {
+    assert.equal(resolveOptions().consumerPolicy, "widen");
+    process.env.CONVEYOR_CONSUMER_POLICY = "replace";
+    assert.equal(resolveOptions().consumerPolicy, "replace");
+    process.env.CONVEYOR_CONSUMER_POLICY = "narrow";
+    assert.throws(() => resolveOptions(), /CONVEYOR_CONSUMER_POLICY=narrow.*"widen" or "replace"/);
+    delete process.env.CONVEYOR_CONSUMER_POLICY;
+    assert.equal(resolveOptions().exitProcess, true);
+    assert.equal(resolveOptions({ handleSignals: false }).exitProcess, false);
+    assert.equal(resolveOptions({ exitProcess: false }).exitProcess, false);
+  });
+
   it("does not install signal handlers when a signal is given", () => {
     assert.equal(resolveOptions({ signal: new AbortController().signal }).handleSignals, false);
     assert.equal(resolveOptions({ handleSignals: false }).handleSignals, false);

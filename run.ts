@@ -92,8 +92,10 @@ export interface EventDeps {
   types: ReadonlySet<string>;
   /** Event names this instance handles; all when undefined. */
   events?: ReadonlySet<string>;
-  /** The consumer's current settings. */
+  /** The consumer's current settings, as last read. */
   fleet(): Fleet;
+  /** Reads the consumer's settings now (concurrent calls share one read). */
+  refreshFleet(): Promise<Fleet>;
   /** Stream sequences whose reconcile runs here now (hung ones included), with a count. */
   running: Map<number, number>;
   /** Deliveries told "still working" on every heartbeat. */
@@ -212,12 +214,18 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
   }
   const { message: msg, resourceJson } = decoded;
   const type = typeOf(m.subject, msg.payload);
+  let handler = eventHandler(msg.event, deps.events, deps.fleet());
+  if (handler === "none") {
+    // Skipping is final: make sure no version that started a moment ago
+    // handles this event before acknowledging it unprocessed.
+    handler = eventHandler(msg.event, deps.events, await deps.refreshFleet());
+  }
   const admission = admit({
     attempt,
     type,
     handlesType: deps.types.has(type),
     event: msg.event,
-    eventHandler: eventHandler(msg.event, deps),
+    eventHandler: handler,
     runningHere: deps.running.has(seq),
   }, deps.policy);
   switch (admission.action) {
@@ -286,10 +294,13 @@ function typeOf(subject: string, resource: Resource): string {
     : resource.resource;
 }
 
-function eventHandler(event: string, deps: EventDeps): "this" | "other" | "none" {
-  if (!deps.events || deps.events.has(event)) return "this";
-  const fleet = deps.fleet().events;
-  return fleet === "*" || fleet.has(event) ? "other" : "none";
+function eventHandler(
+  event: string,
+  mine: ReadonlySet<string> | undefined,
+  fleet: Fleet,
+): "this" | "other" | "none" {
+  if (!mine || mine.has(event)) return "this";
+  return fleet.events === "*" || fleet.events.has(event) ? "other" : "none";
 }
 
 type Decoded =

@@ -1,7 +1,9 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { getEventListeners } from "node:events";
 import process from "node:process";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { type Driver, serve, ShutdownError, startDriver } from "./mod.ts";
 import { publishEvent, readStream } from "./testing.ts";
 import { consumerState, conveyorEnv, type Env, sleep, waitFor } from "./test_util.ts";
@@ -14,15 +16,24 @@ const results = async (env: Env): Promise<any[]> =>
 
 /** Runs testdata/slow_driver in its own process, on the runtime running the tests. */
 function spawnDriver(env: Env, name: string, jobMs: number) {
+  return spawnProgram("slow_driver", {
+    NATS_URL: env.url,
+    DRIVER_NAME: name,
+    JOB_MS: String(jobMs),
+  });
+}
+
+/** Runs testdata/<program> in its own process with extra environment variables. */
+function spawnProgram(program: string, vars: Record<string, string>) {
   const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
-  const file = new URL(`./testdata/slow_driver.${ext}`, import.meta.url).pathname;
+  const file = new URL(`./testdata/${program}.${ext}`, import.meta.url).pathname;
   const [cmd, args] = "Deno" in globalThis
     ? [process.execPath, ["run", "-A", file]]
     : "Bun" in globalThis
     ? [process.execPath, ["run", file]]
     : [process.execPath, [file]];
   const child = spawn(cmd, args, {
-    env: { ...process.env, NATS_URL: env.url, DRIVER_NAME: name, JOB_MS: String(jobMs) },
+    env: { ...process.env, ...vars },
     stdio: ["ignore", "pipe", "inherit"],
   });
   const proc = {
@@ -31,7 +42,7 @@ function spawnDriver(env: Env, name: string, jobMs: number) {
     ready: () => waitFor(() => proc.out.includes("ready"), "driver process ready", 30_000),
     // process.kill, not child.kill: Deno's ChildProcess reports any child it
     // was asked to kill as ended by that signal, whatever its exit code.
-    kill: (signal: "SIGTERM" | "SIGINT") =>
+    kill: (signal: "SIGTERM" | "SIGINT" | "SIGKILL") =>
       process.kill(Number(/ready (\d+)/.exec(proc.out)![1]), signal),
   };
   child.stdout!.on("data", (c: Uint8Array) => (proc.out += new TextDecoder().decode(c)));
@@ -196,5 +207,95 @@ describe("graceful shutdown", () => {
     }
     await running.closed;
     assert.equal(running.stats().inFlight, 0);
+  });
+
+  it("stop() is bounded by shutdownTimeout even while every log line fails to store", async () => {
+    await using env = await conveyorEnv();
+    // No stream for logs.*: every log publish fails.
+    await (await jetstreamManager(env.nc)).streams.delete("logs-engine");
+    let returned = 0;
+    const d = await startDriver({
+      name: "bounded-stop",
+      resources: ["pipeline"],
+      reconcile({ logger }) {
+        for (let i = 0; i < 20; i++) logger.info(`line ${i}`);
+        returned++;
+        return { success: true, message: "ok" };
+      },
+    }, { servers: env.url, ...quiet, shutdownTimeout: 1_000 });
+    await publishEvent(env.nc, { resource: "pipeline", name: "web" });
+    await waitFor(() => returned === 1, "reconcile returned");
+    const started = Date.now();
+    const outcome = await Promise.race([
+      d.stop().then(() => "stopped"),
+      sleep(20_000).then(() => "still stopping after 20 s"),
+    ]);
+    const took = Date.now() - started;
+    assert.equal(outcome, "stopped");
+    assert.ok(took < 1_000 + 3_500, `stop() took ${took} ms with shutdownTimeout 1000`);
+    assert.equal((await results(env)).length, 0, "no result without its logs");
+    const s = await consumerState(env.nc, "bounded-stop");
+    assert.equal(s.ackPending + s.pending, 1, "the event went back to the stream");
+  });
+
+  it("removes its listener from options.signal when it stops", async () => {
+    await using env = await conveyorEnv();
+    const ac = new AbortController();
+    const d = await startDriver({ name: "listener", resources: ["pipeline"], reconcile() {} }, {
+      servers: env.url,
+      signal: ac.signal,
+      configureLogging: false,
+    });
+    assert.equal(getEventListeners(ac.signal, "abort").length, 1);
+    await d.stop();
+    assert.equal(getEventListeners(ac.signal, "abort").length, 0);
+  });
+
+  it("exits the process only once every driver in it has stopped", async () => {
+    await using env = await conveyorEnv();
+    const p = spawnProgram("two_drivers", {
+      NATS_URL: env.url,
+      DRIVER_A: "exit-a",
+      DRIVER_B: "exit-b",
+      JOB_MS: "2000",
+    });
+    await p.ready();
+    await publishEvent(env.nc, { resource: "a", name: "stuck" });
+    await publishEvent(env.nc, { resource: "b", name: "work" });
+    await waitFor(() => p.out.includes("a started") && p.out.includes("b started"), "both started");
+    p.kill("SIGTERM");
+    await waitFor(() => p.out.includes("a closed"), "driver A stopped", 10_000);
+    assert.equal(await p.exited, 0, `exit code (stdout: ${p.out})`);
+    assert.match(p.out, /b finished[\s\S]*b closed/, "B finished its job before the exit");
+    const r = await results(env);
+    assert.deepEqual(r.map((x) => x.driverresult.message), ["b done"]);
+  });
+
+  it("with exitProcess false, leaves the process to the application", async () => {
+    await using env = await conveyorEnv();
+    const p = spawnProgram("two_drivers", {
+      NATS_URL: env.url,
+      DRIVER_A: "stay-a",
+      DRIVER_B: "stay-b",
+      JOB_MS: "100",
+      EXIT_PROCESS: "0",
+    });
+    await p.ready();
+    await publishEvent(env.nc, { resource: "a", name: "stuck" });
+    await publishEvent(env.nc, { resource: "b", name: "work" });
+    await waitFor(() => p.out.includes("b closed") && p.out.includes("a started"), "B done");
+    p.kill("SIGTERM");
+    await waitFor(() => p.out.includes("a closed"), "driver A stopped", 10_000);
+    const still = await Promise.race([
+      p.exited.then(() => "exited"),
+      sleep(1_500).then(() => "running"),
+    ]);
+    assert.equal(
+      still,
+      "running",
+      "the hung reconcile's timer keeps the process, as the app chose",
+    );
+    p.kill("SIGKILL");
+    await p.exited;
   });
 });
