@@ -146,15 +146,17 @@ function headerKey(label: string): string {
   return `Conveyor-Label-${label.replace(/[^A-Za-z0-9_-]/g, "_")}`;
 }
 
+// deno-lint-ignore no-control-regex
+const CONTROL = /[\x00-\x08\x0a-\x1f\x7f]/g;
+
 /** A label value fit for a NATS header: control characters escaped, length bounded. */
 export function headerValue(value: unknown): string {
   let text = String(value);
   if (text.length > MAX_LABEL_BYTES) text = `${text.slice(0, MAX_LABEL_BYTES)}…[truncated]`;
   // CR or LF would end the header (nats.js refuses them): escape them and
   // their kin the way JSON does.
-  // deno-lint-ignore no-control-regex
   return text.replace(
-    /[\x00-\x08\x0a-\x1f\x7f]/g,
+    CONTROL,
     (c) =>
       c === "\n"
         ? "\\n"

@@ -162,6 +162,7 @@ export const DriverMessageSchema: v.GenericSchema<unknown, DriverMessage> = v
       nonEmpty,
       v.maxLength(MAX_ID_LENGTH, `must be at most ${MAX_ID_LENGTH} characters`),
       // The id goes into the result's Nats-Msg-Id header, where CR or LF is invalid.
+      // deno-lint-ignore no-control-regex
       v.regex(/^[^\x00-\x1f\x7f]*$/, "must not contain control characters"),
     ),
     run_id: v.pipe(v.string(), v.uuid("run_id must be a UUID")),
