@@ -10,18 +10,28 @@ import type { LogEntry, Pipeline, Resource } from "./types.ts";
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-/** The server's own swagger.json, read where it lives (never copied here). */
+/**
+ * The server's own swagger.json, read where it lives (never copied here): from
+ * the repository root (Deno, Bun) or from npm/ (the Node build). A clone from a
+ * forge has no ../shared next to it, so the coverage tests skip there.
+ */
+const swaggerCandidates = [
+  new URL("../shared/conveyor/swagger.json", import.meta.url),
+  new URL("../../shared/conveyor/swagger.json", import.meta.url),
+];
+const swaggerFile = swaggerCandidates.find((u) => existsSync(u));
+const swaggerPaths = swaggerCandidates.map((u) => u.pathname).join(" and ");
+/** Why the coverage tests skip, or false when they run. */
+const noSwagger = !swaggerFile &&
+  `../shared/conveyor/swagger.json not found (looked for ${swaggerPaths})`;
+// Deno and Bun do not print a skip reason (Node does): say it once here.
+if (noSwagger) {
+  console.warn(`client_test: skipping the OPERATIONS-versus-swagger.json test: ${noSwagger}`);
+}
+
 function swaggerOperations(): string[] {
-  // From the repository root (Deno, Bun) or from npm/ (the Node build).
-  const candidates = [
-    new URL("../shared/conveyor/swagger.json", import.meta.url),
-    new URL("../../shared/conveyor/swagger.json", import.meta.url),
-  ];
-  const file = candidates.find((u) => existsSync(u));
-  if (!file) {
-    throw new Error(`swagger.json not found at ${candidates.map((u) => u.pathname).join(" or ")}`);
-  }
-  const swagger = JSON.parse(readFileSync(file, "utf8")) as {
+  assert.ok(swaggerFile, "swagger.json not found");
+  const swagger = JSON.parse(readFileSync(swaggerFile, "utf8")) as {
     paths: Record<string, Record<string, unknown>>;
   };
   const ops: string[] = [];
@@ -78,7 +88,9 @@ async function seed(c: Client): Promise<void> {
 }
 
 describe("Client: swagger.json coverage", () => {
-  it("OPERATIONS names an existing Client method for every swagger operation, and nothing else", () => {
+  it("OPERATIONS names an existing Client method for every swagger operation, and nothing else", {
+    skip: noSwagger,
+  }, () => {
     const ops = swaggerOperations();
     const missing = ops.filter((op) => !(op in OPERATIONS));
     assert.deepEqual(missing, [], `operations without an entry in OPERATIONS: ${missing}`);
@@ -94,7 +106,7 @@ describe("Client: swagger.json coverage", () => {
     assert.deepEqual(extra, [], `OPERATIONS entries not in swagger.json: ${extra}`);
   });
 
-  it("calls every swagger operation, with a token on all but /health", async () => {
+  it("calls every operation (every swagger operation, when swagger.json is there), with a token on all but /health", async () => {
     const auth = counterAuth();
     await using api = await startTestApiServer({ auth: (t) => t.startsWith("tok-") });
     const c = client(api, { auth, headers: { "User-Agent": "conveyor-test" } });
@@ -181,10 +193,13 @@ describe("Client: swagger.json coverage", () => {
     await c.deleteResourceDefinition("app");
     assert.equal(api.resources.size + api.pipelines.size + api.definitions.size, 0);
 
-    // Every swagger operation reached the server at least once.
+    // Every operation reached the server at least once: those of the
+    // server's swagger.json where it is at hand, else those of OPERATIONS
+    // (which the test above holds equal to swagger.json's).
     const called = new Set(api.requests.map((r) => r.operation));
-    const uncalled = swaggerOperations().filter((op) => !called.has(op));
-    assert.deepEqual(uncalled, [], `swagger operations never called: ${uncalled}`);
+    const expected = swaggerFile ? swaggerOperations() : Object.keys(OPERATIONS);
+    const uncalled = expected.filter((op) => !called.has(op));
+    assert.deepEqual(uncalled, [], `operations never called: ${uncalled}`);
 
     for (const r of api.requests) {
       if (r.path === "/health") {

@@ -209,10 +209,13 @@ describe("graceful shutdown", () => {
     assert.equal(running.stats().inFlight, 0);
   });
 
-  it("stop() is bounded by shutdownTimeout even while every log line fails to store", async () => {
+  it("stop() is bounded by shutdownTimeout even while every log publish times out", async () => {
     await using env = await conveyorEnv();
-    // No stream for logs.*: every log publish fails.
+    // No stream for logs.*, and a subscriber that never answers: every log
+    // publish waits for an acknowledgement that does not come.
     await (await jetstreamManager(env.nc)).streams.delete("logs-engine");
+    env.nc.subscribe("logs.>", { callback: () => {} });
+    await env.nc.flush();
     let returned = 0;
     const d = await startDriver({
       name: "bounded-stop",

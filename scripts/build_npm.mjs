@@ -321,11 +321,17 @@ function build() {
 function runTests(passthrough) {
   const tests = readdirSync(outDir).filter((f) => f.endsWith("_test.js")).sort();
   if (tests.length === 0) fail("no npm/*_test.js to run");
+  // The spec reporter reads better than TAP, which Node picks when its output
+  // is piped (as scripts/test.mjs does); unless ARGS choose a reporter.
+  const reporter = passthrough.some((a) => a.startsWith("--test-reporter"))
+    ? []
+    : ["--test-reporter=spec"];
   // Node 20 does not expand globs in `node --test` arguments: list the files.
   const args = [
     "--test",
     "--test-concurrency=1",
     "--test-timeout=120000",
+    ...reporter,
     ...passthrough,
     ...tests.map((f) => toPosix(relative(root, join(outDir, f)))),
   ];

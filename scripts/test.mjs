@@ -1,10 +1,11 @@
 #!/usr/bin/env node
 // The whole test suite, as `npm test`, `deno task test` and `.ci/run` run it:
 // static checks, then every *_test.ts on Deno and on Bun, then the npm build's
-// tests on Node. Each test file starts its own nats-server processes.
+// tests on Node. Each test file starts its own nats-server processes. Each
+// stage's output streams through as it comes; the end names every failing test.
 //
 //   node scripts/test.mjs [--only deno|bun|node|static] [--skip node]
-import { spawnSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import { readdirSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -17,31 +18,61 @@ const { values } = parseArgs({
 const wanted = (stage) =>
   (!values.only || values.only.includes(stage)) && !(values.skip ?? []).includes(stage);
 
+// No colour codes, so that a saved log reads clean: NO_COLOR=1 turns colour off
+// on Deno, Bun and Node, but any FORCE_COLOR (even "0") turns Deno's back on and
+// wins over NO_COLOR on Bun and Node, so none is passed on.
+const env = { ...process.env, NO_COLOR: "1" };
+delete env.FORCE_COLOR;
+
 const testFiles = readdirSync(root).filter((f) => f.endsWith("_test.ts")).sort();
 const totals = { passed: 0, failed: 0 };
 const failedStages = [];
+/** For the final summary: one line per failing test, or per failing stage. */
+const failures = [];
 
-/** Runs a command with inherited output captured for counting; returns its status. */
-function run(stage, cmd, args, count) {
+/**
+ * Runs a command, writing its output through as it arrives and keeping a copy
+ * for `parse`, which returns { passed, failed, tests: [{ file, name }] }.
+ */
+async function run(stage, cmd, args, parse) {
   process.stdout.write(`\n== ${stage}: ${[cmd.replace(root + "/", ""), ...args].join(" ")}\n`);
   const started = Date.now();
-  const r = spawnSync(cmd, args, {
-    cwd: root,
-    encoding: "utf8",
-    maxBuffer: 256 * 1024 * 1024,
-    env: { ...process.env, NO_COLOR: "1", FORCE_COLOR: "0" },
-  });
-  const output = (r.stdout ?? "") + (r.stderr ?? "");
-  process.stdout.write(output);
-  if (count) {
-    const c = count(output);
-    totals.passed += c.passed;
-    totals.failed += c.failed;
+  const child = spawn(cmd, args, { cwd: root, env, stdio: ["ignore", "pipe", "pipe"] });
+  // One copy per stream: chunks of the two may interleave mid-line.
+  const copy = { stdout: "", stderr: "" };
+  for (const name of ["stdout", "stderr"]) {
+    child[name].setEncoding("utf8");
+    child[name].on("data", (chunk) => {
+      process.stdout.write(chunk);
+      copy[name] += chunk;
+    });
   }
-  const ok = r.status === 0;
-  if (!ok) failedStages.push(stage);
+  const status = await new Promise((res) => {
+    child.on("error", (err) => {
+      process.stdout.write(`cannot run ${cmd}: ${err.message}\n`);
+      res("error");
+    });
+    child.on("close", (code, signal) => res(code ?? signal));
+  });
+  const ok = status === 0;
+  const found = parse?.(`${copy.stdout}\n${copy.stderr}`);
+  if (found) {
+    totals.passed += found.passed;
+    totals.failed += found.failed;
+    for (const t of found.tests) failures.push(`${stage.padEnd(5)} ${t.file}  ${t.name}`);
+  }
+  if (!ok) {
+    failedStages.push(stage);
+    if (!found?.tests.length) {
+      failures.push(
+        `${stage.padEnd(5)} (stage failed with status ${status}${
+          parse ? "; no failing test named in its output" : ""
+        })`,
+      );
+    }
+  }
   process.stdout.write(
-    `== ${stage}: ${ok ? "ok" : `FAILED (status ${r.status ?? r.signal})`} in ${
+    `== ${stage}: ${ok ? "ok" : `FAILED (status ${status})`} in ${
       ((Date.now() - started) / 1000).toFixed(1)
     } s\n`,
   );
@@ -50,44 +81,139 @@ function run(stage, cmd, args, count) {
 
 const num = (re, text) => [...text.matchAll(re)].reduce((n, m) => n + Number(m[1]), 0);
 
-if (wanted("static")) {
-  const deno = bin("deno");
-  run("fmt", deno, ["fmt", "--check"]);
-  run("lint", deno, ["lint"]);
-  const ts = (dir) =>
-    readdirSync(join(root, dir)).filter((f) => f.endsWith(".ts")).map((f) => join(dir, f));
-  run("check", deno, ["check", ...ts("."), ...ts("examples"), ...ts("bench"), ...ts("testdata")]);
-  run("doc", deno, ["doc", "--lint", "mod.ts"]);
-  // JSR's checks, slow types among them; a dry run needs no network.
-  run("publish", deno, ["publish", "--dry-run", "--allow-dirty", "--quiet"]);
-}
-if (wanted("deno")) {
-  run("deno", bin("deno"), ["test", "-A", ...testFiles], (out) => {
-    // "ok | 6 passed (19 steps) | 0 failed (2 steps)": count the steps (the `it`s).
-    const line = out.split("\n").reverse().find((l) => /\d+ passed/.test(l)) ?? "";
-    const passed = /passed \((\d+) steps?\)/.exec(line)?.[1] ?? 0;
-    const failed = /failed \((\d+) steps?\)/.exec(line)?.[1] ?? 0;
-    return { passed: Number(passed), failed: Number(failed) };
-  });
-}
-if (wanted("bun")) {
-  run(
-    "bun",
-    bin("bun"),
-    ["test", "--timeout", "120000", ...testFiles.map((f) => `./${f}`)],
-    (out) => ({
-      passed: num(/^\s*(\d+) pass$/gm, out),
-      failed: num(/^\s*(\d+) fail$/gm, out),
-    }),
-  );
-}
-if (wanted("node")) {
-  run("node", process.execPath, [join(root, "scripts", "build_npm.mjs"), "--test"], (out) => ({
-    passed: num(/^(?:#|ℹ) pass (\d+)$/gm, out),
-    failed: num(/^(?:#|ℹ) fail (\d+)$/gm, out),
-  }));
+/**
+ * Deno: its FAILURES list names each failing test ("suite ... test => where"),
+ * but where is inside Deno for node:test's `it`s; the progress lines before it
+ * ("running 3 tests from ./a_test.ts", then one line per test, indented by
+ * depth) tell the file.
+ */
+function parseDeno(out) {
+  const files = new Map(); // "suite ... test" -> files it failed in, in order
+  let file = "?";
+  let stack = [];
+  let inOutput = false; // a test's own output, which could look like anything
+  const [progress, list = ""] = out.split(/^ ?FAILURES ?$/m);
+  for (const line of progress.split("\n")) {
+    if (/^-+ (?:[a-z-]+ )?output -+$/.test(line)) inOutput = true; // "post-test output", ...
+    else if (/^-+ (?:[a-z-]+ )?output end -+$/.test(line)) inOutput = false;
+    if (inOutput) continue;
+    const running = /^running \d+ tests? from (\S+)$/.exec(line);
+    if (running) [file, stack] = [running[1].replace(/^\.\//, ""), []];
+    const t = /^( *)(.+?) \.\.\.(?: (FAILED|ok|ignored)\b.*)?$/.exec(line);
+    if (!t || running) continue;
+    stack = [...stack.slice(0, t[1].length / 2), t[2]];
+    if (t[3] === "FAILED") {
+      const key = stack.join(" ... ");
+      files.set(key, [...(files.get(key) ?? []), file]);
+    }
+  }
+  const tests = [];
+  for (const line of list.split("\n")) {
+    if (/^(?:FAILED|ok) \|/.test(line)) break;
+    if (!line.trim()) continue;
+    const uncaught = /^\.\/(\S+) (\(uncaught error\))$/.exec(line);
+    if (uncaught) {
+      tests.push({ file: uncaught[1], name: uncaught[2] });
+      continue;
+    }
+    const arrow = line.lastIndexOf(" => ");
+    const name = arrow < 0 ? line : line.slice(0, arrow);
+    const at = /^\.\/(.+?):\d+:\d+$/.exec(line.slice(arrow + 4))?.[1];
+    tests.push({
+      file: at ?? files.get(name)?.shift() ?? "?",
+      name: name.split(" ... ").join(" > "),
+    });
+  }
+  // "ok | 6 passed (19 steps) | 0 failed (2 steps)": count the steps (the `it`s).
+  const line = out.split("\n").reverse().find((l) => /\d+ passed/.test(l)) ?? "";
+  const passed = /passed \((\d+) steps?\)/.exec(line)?.[1] ?? 0;
+  const failed = /failed \((\d+) steps?\)/.exec(line)?.[1] ?? 0;
+  return { passed: Number(passed), failed: Number(failed), tests };
 }
 
+/** Bun: "a_test.ts:" heads each file's "(fail) suite > test [1.00ms]" lines. */
+function parseBun(out) {
+  const tests = [];
+  let file = "?";
+  for (const line of out.split("\n")) {
+    // The recap at the end ("3 tests failed:") repeats them without files.
+    if (/^\d+ tests? failed:$/.test(line)) break;
+    const head = /^(\S+\.[cm]?[jt]sx?):$/.exec(line);
+    if (head) file = head[1];
+    const fail = /^\(fail\) (.+?)(?: \[[\d.]+m?s\])?$/.exec(line);
+    if (fail) tests.push({ file, name: fail[1] });
+  }
+  return {
+    passed: num(/^\s*(\d+) pass$/gm, out),
+    failed: num(/^\s*(\d+) fail$/gm, out),
+    tests,
+  };
+}
+
+/**
+ * Node's spec reporter: the list after "✖ failing tests:" gives each failing
+ * test's file ("test at npm/a_test.js:12:3") and name ("✖ test (1.2ms)"); the
+ * report above it, indented by depth, gives its suites, found by name and time.
+ */
+function parseNode(out) {
+  const paths = new Map(); // "test (1.2ms)" -> "suite > test"
+  let stack = [];
+  const [report, list = ""] = out.split(/^✖ failing tests:$/m);
+  for (const line of report.split("\n")) {
+    const t = /^( *)([▶✔✖﹣]) (.+?)( \([\d.]+ms\))?(?: # .*)?$/.exec(line);
+    if (!t) continue;
+    stack = [...stack.slice(0, t[1].length / 2), t[3]];
+    if (t[2] === "✖" && t[4]) paths.set(t[3] + t[4], stack.join(" > "));
+  }
+  const tests = [];
+  let file = "?";
+  for (const line of list.split("\n")) {
+    const at = /^test at (.+?)(?::\d+:\d+)?$/.exec(line);
+    if (at) file = at[1];
+    const fail = /^✖ (.+?)( \([\d.]+ms\))?$/.exec(line);
+    if (fail) tests.push({ file, name: paths.get(fail[1] + (fail[2] ?? "")) ?? fail[1] });
+  }
+  return {
+    passed: num(/^(?:#|ℹ) pass (\d+)$/gm, out),
+    failed: num(/^(?:#|ℹ) fail (\d+)$/gm, out),
+    tests,
+  };
+}
+
+if (wanted("static")) {
+  const deno = bin("deno");
+  await run("fmt", deno, ["fmt", "--check"]);
+  await run("lint", deno, ["lint"]);
+  const ts = (dir) =>
+    readdirSync(join(root, dir)).filter((f) => f.endsWith(".ts")).map((f) => join(dir, f));
+  await run("check", deno, [
+    "check",
+    ...ts("."),
+    ...ts("examples"),
+    ...ts("bench"),
+    ...ts("testdata"),
+  ]);
+  await run("doc", deno, ["doc", "--lint", "mod.ts"]);
+  // JSR's checks, slow types among them; a dry run needs no network.
+  await run("publish", deno, ["publish", "--dry-run", "--allow-dirty", "--quiet"]);
+}
+if (wanted("deno")) await run("deno", bin("deno"), ["test", "-A", ...testFiles], parseDeno);
+if (wanted("bun")) {
+  const files = testFiles.map((f) => `./${f}`);
+  await run("bun", bin("bun"), ["test", "--timeout", "120000", ...files], parseBun);
+}
+if (wanted("node")) {
+  await run(
+    "node",
+    process.execPath,
+    [join(root, "scripts", "build_npm.mjs"), "--test"],
+    parseNode,
+  );
+}
+
+if (failures.length) {
+  process.stdout.write(`\nfailing:\n${failures.map((f) => `  ${f}\n`).join("")}`);
+}
 process.stdout.write(
   `\n${failedStages.length ? `failed stages: ${failedStages.join(", ")}` : "all stages passed"}\n`,
 );
