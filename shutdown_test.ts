@@ -1,12 +1,11 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { getEventListeners } from "node:events";
 import process from "node:process";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { type Driver, serve, ShutdownError, startDriver } from "./mod.ts";
 import { publishEvent, readStream } from "./testing.ts";
-import { consumerState, conveyorEnv, type Env, sleep, waitFor } from "./test_util.ts";
+import { consumerState, conveyorEnv, type Env, sleep, spawnProgram, waitFor } from "./test_util.ts";
 
 const quiet = { handleSignals: false, configureLogging: false } as const;
 
@@ -21,32 +20,6 @@ function spawnDriver(env: Env, name: string, jobMs: number) {
     DRIVER_NAME: name,
     JOB_MS: String(jobMs),
   });
-}
-
-/** Runs testdata/<program> in its own process with extra environment variables. */
-function spawnProgram(program: string, vars: Record<string, string>) {
-  const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
-  const file = new URL(`./testdata/${program}.${ext}`, import.meta.url).pathname;
-  const [cmd, args] = "Deno" in globalThis
-    ? [process.execPath, ["run", "-A", file]]
-    : "Bun" in globalThis
-    ? [process.execPath, ["run", file]]
-    : [process.execPath, [file]];
-  const child = spawn(cmd, args, {
-    env: { ...process.env, ...vars },
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  const proc = {
-    out: "",
-    exited: new Promise<number | null>((r) => child.on("exit", (code) => r(code))),
-    ready: () => waitFor(() => proc.out.includes("ready"), "driver process ready", 30_000),
-    // process.kill, not child.kill: Deno's ChildProcess reports any child it
-    // was asked to kill as ended by that signal, whatever its exit code.
-    kill: (signal: "SIGTERM" | "SIGINT" | "SIGKILL") =>
-      process.kill(Number(/ready (\d+)/.exec(proc.out)![1]), signal),
-  };
-  child.stdout!.on("data", (c: Uint8Array) => (proc.out += new TextDecoder().decode(c)));
-  return proc;
 }
 
 describe("graceful shutdown", () => {

@@ -1,4 +1,6 @@
 // Shared helpers of the test files (not published).
+import { spawn } from "node:child_process";
+import process from "node:process";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { createConveyorStreams, type NatsServer, startNatsServer } from "./testing.ts";
@@ -65,6 +67,52 @@ export async function consumerState(nc: NatsConnection, name: string) {
 }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** A program from testdata/ running in its own process; see {@link spawnProgram}. */
+export interface Program {
+  /** Everything it printed on stdout so far. */
+  out: string;
+  /** Its exit code (null when a signal ended it). */
+  exited: Promise<number | null>;
+  /** Waits until it printed "ready <pid>". */
+  ready(): Promise<unknown>;
+  /** Sends a signal to the program (not to a wrapper). */
+  kill(signal: "SIGTERM" | "SIGINT" | "SIGKILL"): void;
+}
+
+/**
+ * Runs testdata/<program> in its own process on the runtime running the
+ * tests, with extra environment variables; `gc` exposes a garbage collector
+ * to it (`globalThis.gc`, or Bun.gc).
+ */
+export function spawnProgram(
+  program: string,
+  vars: Record<string, string>,
+  options: { gc?: boolean } = {},
+): Program {
+  const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
+  const file = new URL(`./testdata/${program}.${ext}`, import.meta.url).pathname;
+  const gc = options.gc ? ["--v8-flags=--expose-gc"] : [];
+  const [cmd, args] = "Deno" in globalThis
+    ? [process.execPath, ["run", "-A", ...gc, file]]
+    : "Bun" in globalThis
+    ? [process.execPath, ["run", file]]
+    : [process.execPath, [...(options.gc ? ["--expose-gc"] : []), file]];
+  const child = spawn(cmd, args, {
+    env: { ...process.env, ...vars },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const proc: Program = {
+    out: "",
+    exited: new Promise<number | null>((r) => child.on("exit", (code) => r(code))),
+    ready: () => waitFor(() => proc.out.includes("ready"), "driver process ready", 30_000),
+    // process.kill, not child.kill: Deno's ChildProcess reports any child it
+    // was asked to kill as ended by that signal, whatever its exit code.
+    kill: (signal) => process.kill(Number(/ready (\d+)/.exec(proc.out)![1]), signal),
+  };
+  child.stdout!.on("data", (c: Uint8Array) => (proc.out += new TextDecoder().decode(c)));
+  return proc;
+}
 
 import { Ajv2020 } from "ajv/dist/2020.js";
 import addFormats from "ajv-formats";
