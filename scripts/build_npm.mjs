@@ -7,6 +7,8 @@
 //   node scripts/build_npm.mjs --test          build, then run npm/*_test.js on Node
 //   node scripts/build_npm.mjs --test -- ARGS  ... passing ARGS to `node --test`
 //                                              (e.g. --test-name-pattern=shutdown)
+//   node scripts/build_npm.mjs --test --files=faults_test,cluster_test
+//                                              ... only those test files
 //
 // The compiler settings are in tsconfig.build.json; the published entry points
 // and the version come from deno.json, the dependencies from package.json, so
@@ -62,12 +64,13 @@ function parseArgs(argv) {
   const dd = argv.indexOf("--");
   const own = dd < 0 ? argv : argv.slice(0, dd);
   const passthrough = dd < 0 ? [] : argv.slice(dd + 1);
-  const opts = { test: false, passthrough };
+  const opts = { test: false, passthrough, files: undefined };
   for (const a of own) {
     if (a === "--test") opts.test = true;
+    else if (a.startsWith("--files=")) opts.files = a.slice(8).split(",").filter(Boolean);
     else if (a === "-h" || a === "--help") {
       process.stdout.write(
-        "usage: node scripts/build_npm.mjs [--test] [-- <node --test arguments>]\n",
+        "usage: node scripts/build_npm.mjs [--test [--files=a_test,b_test]] [-- <node --test arguments>]\n",
       );
       process.exit(0);
     } else fail(`unknown argument ${a} (usage: node scripts/build_npm.mjs [--test] [-- ARGS])`);
@@ -318,8 +321,10 @@ function build() {
 }
 
 /** Runs the built tests with `node --test`; resolves to the exit code. */
-function runTests(passthrough) {
-  const tests = readdirSync(outDir).filter((f) => f.endsWith("_test.js")).sort();
+function runTests(passthrough, files) {
+  const tests = readdirSync(outDir).filter((f) =>
+    f.endsWith("_test.js") && (!files || files.includes(f.slice(0, -3)))
+  ).sort();
   if (tests.length === 0) fail("no npm/*_test.js to run");
   // The spec reporter reads better than TAP, which Node picks when its output
   // is piped (as scripts/test.mjs does); unless ARGS choose a reporter.
@@ -354,7 +359,7 @@ function runTests(passthrough) {
 try {
   const opts = parseArgs(process.argv.slice(2));
   build();
-  if (opts.test) process.exitCode = await runTests(opts.passthrough);
+  if (opts.test) process.exitCode = await runTests(opts.passthrough, opts.files);
 } catch (err) {
   if (err instanceof BuildError) process.stderr.write(`build_npm: ${err.message}\n`);
   else process.stderr.write(`build_npm: ${err?.stack ?? err}\n`);

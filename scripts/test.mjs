@@ -5,6 +5,8 @@
 // stage's output streams through as it comes; the end names every failing test.
 //
 //   node scripts/test.mjs [--only deno|bun|node|static] [--skip node]
+//   node scripts/test.mjs --faults    the long fault runs (faults_test, cluster_test)
+//                                     on Deno, Bun and Node: `npm run test:faults`
 import { spawn } from "node:child_process";
 import { readdirSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -13,8 +15,13 @@ import { parseArgs } from "node:util";
 const root = resolve(import.meta.dirname, "..");
 const bin = (name) => join(root, "node_modules", ".bin", name);
 const { values } = parseArgs({
-  options: { only: { type: "string", multiple: true }, skip: { type: "string", multiple: true } },
+  options: {
+    only: { type: "string", multiple: true },
+    skip: { type: "string", multiple: true },
+    faults: { type: "boolean" },
+  },
 });
+if (values.faults) values.skip = [...(values.skip ?? []), "static"];
 const wanted = (stage) =>
   (!values.only || values.only.includes(stage)) && !(values.skip ?? []).includes(stage);
 
@@ -23,8 +30,15 @@ const wanted = (stage) =>
 // wins over NO_COLOR on Bun and Node, so none is passed on.
 const env = { ...process.env, NO_COLOR: "1" };
 delete env.FORCE_COLOR;
+// The long versions of the fault tests (a soak of 100,000 events, more events
+// through killed nodes), behind their own command; the default suite runs
+// the short ones.
+const FAULT_FILES = ["faults_test", "cluster_test"];
+if (values.faults) env.CONVEYOR_FAULTS = "long";
 
-const testFiles = readdirSync(root).filter((f) => f.endsWith("_test.ts")).sort();
+const testFiles = readdirSync(root).filter((f) =>
+  f.endsWith("_test.ts") && (!values.faults || FAULT_FILES.includes(f.slice(0, -3)))
+).sort();
 const totals = { passed: 0, failed: 0 };
 const failedStages = [];
 /** For the final summary: one line per failing test, or per failing stage. */
@@ -206,7 +220,11 @@ if (wanted("node")) {
   await run(
     "node",
     process.execPath,
-    [join(root, "scripts", "build_npm.mjs"), "--test"],
+    [
+      join(root, "scripts", "build_npm.mjs"),
+      "--test",
+      ...(values.faults ? [`--files=${FAULT_FILES.join(",")}`] : []),
+    ],
     parseNode,
   );
 }
