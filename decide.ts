@@ -40,7 +40,10 @@ export interface Delivery {
    * driver sharing the consumer, or no version at all.
    */
   eventHandler: "this" | "other" | "none";
-  /** Whether an earlier delivery of the same event still runs here (a hung reconcile). */
+  /**
+   * Whether an earlier delivery of the same event is still in progress here:
+   * a hung reconcile, or its result still being stored.
+   */
   runningHere: boolean;
 }
 
@@ -99,7 +102,7 @@ export function admit(d: Delivery, p: AttemptPolicy, random?: () => number): Adm
   }
   const delay = backoff(d.attempt, p, random);
   if (d.runningHere) {
-    return { action: "handBack", delay, reason: "an earlier attempt still runs here" };
+    return { action: "handBack", delay, reason: "an earlier attempt is still in progress here" };
   }
   if (!d.handlesType || d.eventHandler === "other") {
     const what = d.handlesType ? `event "${d.event}"` : `resource type "${d.type}"`;

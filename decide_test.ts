@@ -139,7 +139,7 @@ describe("admit: before reconcile runs", () => {
     assert.deepEqual(a, {
       action: "handBack",
       delay: 2_000,
-      reason: "an earlier attempt still runs here",
+      reason: "an earlier attempt is still in progress here",
     });
   });
 });

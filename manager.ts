@@ -328,6 +328,7 @@ class Runtime {
       fleet: () => this.#fleet,
       refreshFleet: () => this.#refreshFleet(),
       running: new Map(),
+      settling: new Set(),
       working: new Set(),
       memory: new ResultMemory(10_000, 90_000),
       shutdown: this.#shutdownAc.signal,

@@ -98,6 +98,8 @@ export interface EventDeps {
   refreshFleet(): Promise<Fleet>;
   /** Stream sequences whose reconcile runs here now (hung ones included), with a count. */
   running: Map<number, number>;
+  /** Stream sequences whose logs and result are being stored here now. */
+  settling: Set<number>;
   /** Deliveries told "still working" on every heartbeat. */
   working: Set<JsMsg>;
   /** Events whose result is stored, should their ack be lost. */
@@ -226,7 +228,8 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
     handlesType: deps.types.has(type),
     event: msg.event,
     eventHandler: handler,
-    runningHere: deps.running.has(seq),
+    // Reconciling or storing its result here: a redelivery must not run beside it.
+    runningHere: deps.running.has(seq) || deps.settling.has(seq),
   }, deps.policy);
   switch (admission.action) {
     case "skip":
@@ -282,7 +285,12 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
   const ended = await outcome;
   run.seal();
   const decision = decide(ended, attempt, deps.policy);
-  await carryOut(m, msg, resourceJson, decision, run, deps);
+  deps.settling.add(seq);
+  try {
+    await carryOut(m, msg, resourceJson, decision, run, deps);
+  } finally {
+    deps.settling.delete(seq);
+  }
   return { userDone };
 }
 
