@@ -196,21 +196,27 @@ export function planConsumer(
     if (removed.length) changes.push(`filter_subjects - ${removed.join(", ")}`);
   }
 
-  const pick = (now: number | undefined, want: number, unlimited: (n: number) => boolean) =>
-    widen && now !== undefined && !unlimited(now) ? Math.max(now, want) : want;
-  const ackWait = pick(current.ack_wait, wants.ackWait, () => false);
+  const larger = (now: number | undefined, want: number) =>
+    widen && now !== undefined ? Math.max(now, want) : want;
+  const ackWait = larger(current.ack_wait, wants.ackWait);
   if (ackWait !== current.ack_wait) {
     config.ack_wait = ackWait;
     changes.push(`ack_wait ${ms(current.ack_wait)} -> ${ms(ackWait)}`);
   }
-  // -1 means unlimited; the Go SDK's 1 is raised like any smaller value.
-  const pending = pick(current.max_ack_pending, wants.maxAckPending, (n) => n < 0);
+  // -1 is unlimited, which widening keeps; the Go SDK's 1 is raised like
+  // any smaller value.
+  const pending = widen && (current.max_ack_pending ?? 0) < 0
+    ? current.max_ack_pending!
+    : larger(current.max_ack_pending, wants.maxAckPending);
   if (pending !== current.max_ack_pending) {
     config.max_ack_pending = pending;
     changes.push(`max_ack_pending ${current.max_ack_pending} -> ${pending}`);
   }
-  // Unlimited (0 or -1, as older runtimes left it) gets the backstop.
-  const deliver = pick(current.max_deliver, wants.maxDeliver, (n) => n <= 0);
+  // Unlimited (0 or -1, as older runtimes left it) gets the backstop: it is
+  // what keeps an event the runtime cannot settle from cycling for ever.
+  const deliver = (current.max_deliver ?? 0) <= 0
+    ? wants.maxDeliver
+    : larger(current.max_deliver, wants.maxDeliver);
   if (deliver !== current.max_deliver) {
     config.max_deliver = deliver;
     changes.push(`max_deliver ${current.max_deliver ?? "unset"} -> ${deliver}`);

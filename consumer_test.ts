@@ -111,6 +111,14 @@ describe("planConsumer", () => {
     assert.deepEqual(plan.config.metadata, { team: "ci", [EVENTS_KEY]: "*" });
   });
 
+  it("keeps an unlimited max_ack_pending unlimited when widening", () => {
+    assert.equal(planConsumer(existing({ max_ack_pending: -1 }), v1, "widen").action, "keep");
+    assert.equal(
+      planConsumer(existing({ max_ack_pending: -1 }), v1, "replace").config.max_ack_pending,
+      1_000,
+    );
+  });
+
   it("refuses a push or non-explicit consumer with a ConsumerError saying what to do", () => {
     assert.throws(
       () => planConsumer(existing({ ack_policy: AckPolicy.All }), v1, "widen"),
