@@ -7,7 +7,14 @@
  *
  * @module
  */
-import { configure, getConfig, getConsoleSink, getLogger, type Logger } from "@logtape/logtape";
+import {
+  configure,
+  getConfig,
+  getConsoleSink,
+  getLogger,
+  getTextFormatter,
+  type Logger,
+} from "@logtape/logtape";
 import { headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { pause } from "./_util.ts";
@@ -358,13 +365,16 @@ export async function ensureLogging(
   if (!o.configureLogging || getConfig() !== null) return;
   try {
     await configure({
-      sinks: { console: getConsoleSink() },
+      // "bare": a driver's line (the `message` property) prints as written,
+      // not as a quoted string.
+      sinks: { console: getConsoleSink({ formatter: getTextFormatter({ value: "bare" }) }) },
       loggers: [
         { category: ["conveyor"], lowestLevel: o.logLevel, sinks: ["console"] },
         { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["console"] },
       ],
     });
-  } catch {
-    // Configured concurrently by someone else: theirs wins.
+  } catch (err) {
+    // Configured concurrently by someone else: theirs wins. Anything else is a bug.
+    if (getConfig() === null) throw err;
   }
 }
