@@ -328,7 +328,8 @@ class Runtime {
       fleet: () => this.#fleet,
       refreshFleet: () => this.#refreshFleet(),
       running: new Map(),
-      settling: new Set(),
+      inProgress: new Set(),
+      confirming: new Set(),
       working: new Set(),
       memory: new ResultMemory(10_000, 90_000),
       shutdown: this.#shutdownAc.signal,
@@ -474,7 +475,11 @@ class Runtime {
         // while its ack_wait runs out, and one slow job blocks no other.
         const iter = await this.#consumer.fetch({
           max_messages: this.#slots.free,
-          expires: 30_000,
+          // nats.js gives up on a pull the server lost (its node killed, the
+          // consumer leader moved) after two idle heartbeats of expires/2,
+          // and after a reconnect waits about `expires` before pulling again:
+          // with 30 s a driver sat idle 15-45 s after each failover of a cluster.
+          expires: 5_000,
         });
         this.#fetch = iter;
         if (this.#stopping) iter.stop();
@@ -568,17 +573,21 @@ class Runtime {
     this.#resolveClosed();
   }
 
-  /** Waits until nothing is pending, `ms` passed, or `signal` aborted. */
+  /**
+   * Waits until no delivery is unsettled and no ack awaits its confirmation,
+   * `ms` passed, or `signal` aborted.
+   */
   async #settled(ms: number, signal?: AbortSignal): Promise<void> {
-    if (this.#pending.size === 0 || signal?.aborted) return;
+    const busy = () => this.#pending.size > 0 || this.#deps.confirming.size > 0;
+    if (!busy() || signal?.aborted) return;
     const ac = new AbortController();
     const onAbort = () => ac.abort();
     signal?.addEventListener("abort", onAbort, { once: true });
     const timer = setLongTimeout(() => ac.abort(), ms);
     try {
-      while (this.#pending.size > 0 && !ac.signal.aborted) {
+      while (busy() && !ac.signal.aborted) {
         await Promise.race([
-          Promise.all(this.#pending),
+          Promise.all([...this.#pending, ...this.#deps.confirming]),
           new Promise((r) => ac.signal.addEventListener("abort", r, { once: true })),
         ]);
       }

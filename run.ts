@@ -72,8 +72,14 @@ export interface DriverStats {
 export const ABORT_GRACE_MS = 1_000;
 /** How long storing one event's logs and result is retried before it is handed back. */
 export const SETTLE_LIMIT_MS = 60_000;
-/** The result publish's own timeout per try. */
-const PUBLISH_TIMEOUT_MS = 5_000;
+/**
+ * The result publish's own timeout per try. Short, so that a publish whose
+ * reply was lost with its connection is retried while the stream leader that
+ * stored it still leads: a leader restarted since may not know its Nats-Msg-Id.
+ */
+const PUBLISH_TIMEOUT_MS = 2_000;
+/** How long one try to have an ack confirmed waits for the reply. */
+const CONFIRM_TIMEOUT_MS = 5_000;
 
 /** What the per-event path needs from the runtime that runs it. */
 export interface EventDeps {
@@ -98,11 +104,16 @@ export interface EventDeps {
   refreshFleet(): Promise<Fleet>;
   /** Stream sequences whose reconcile runs here now (hung ones included), with a count. */
   running: Map<number, number>;
-  /** Stream sequences whose logs and result are being stored here now. */
-  settling: Set<number>;
+  /**
+   * Stream sequences of deliveries in progress here: admitted, not yet
+   * acknowledged, terminated or handed back.
+   */
+  inProgress: Set<number>;
+  /** Acks and terms waiting for the server's confirmation. */
+  confirming: Set<Promise<void>>;
   /** Deliveries told "still working" on every heartbeat. */
   working: Set<JsMsg>;
-  /** Events whose result is stored, should their ack be lost. */
+  /** Events whose result is stored and whose ack is not confirmed yet. */
   memory: ResultMemory;
   /** Aborted (reason `ShutdownError`) when a shutdown stops waiting for reconciles. */
   shutdown: AbortSignal;
@@ -113,13 +124,15 @@ export interface EventDeps {
 }
 
 /**
- * Stream sequences of events whose result this instance stored and acked,
- * kept for a while: if the ack is lost (a node of the cluster dies), the
- * redelivery is acknowledged again rather than reconciled and reported
- * twice. Bounded in entries and age.
+ * Events whose result this instance stored and whose acknowledgement the
+ * server has not confirmed yet, by the result's `Nats-Msg-Id`. Should the
+ * ack be lost (a node of the cluster dies), the redelivery is acknowledged
+ * again rather than reconciled and reported twice: a restarted stream leader
+ * may no longer know the id to drop a second result. Bounded in entries and
+ * in age; confirmed acks leave it at once.
  */
 export class ResultMemory {
-  readonly #entries = new Map<number, number>();
+  readonly #entries = new Map<string, number>();
   readonly #max: number;
   #ttl: number;
   /** Keeps at most `max` entries, each for `ttl` ms. */
@@ -131,27 +144,31 @@ export class ResultMemory {
   set ttl(ms: number) {
     this.#ttl = ms;
   }
-  /** Remembers that the result of the event at stream sequence `seq` is stored. */
-  add(seq: number, now: number = Date.now()): void {
-    this.#entries.delete(seq);
-    this.#entries.set(seq, now + this.#ttl);
+  /** Remembers that the result with this id is stored. */
+  add(id: string, now: number = Date.now()): void {
+    this.#entries.delete(id);
+    this.#entries.set(id, now + this.#ttl);
     if (this.#entries.size > this.#max) {
       this.#entries.delete(this.#entries.keys().next().value!);
     }
   }
-  /** Whether a result is known stored for `seq`. */
-  has(seq: number, now: number = Date.now()): boolean {
-    const until = this.#entries.get(seq);
+  /** Whether the result with this id is known stored (and its ack unconfirmed). */
+  has(id: string, now: number = Date.now()): boolean {
+    const until = this.#entries.get(id);
     if (until === undefined) return false;
     if (until >= now) return true;
-    this.#entries.delete(seq);
+    this.#entries.delete(id);
     return false;
+  }
+  /** Forgets an id: its ack is confirmed. */
+  delete(id: string): void {
+    this.#entries.delete(id);
   }
   /** Drops expired entries (oldest first). */
   prune(now: number = Date.now()): void {
-    for (const [seq, until] of this.#entries) {
+    for (const [id, until] of this.#entries) {
       if (until >= now) break;
-      this.#entries.delete(seq);
+      this.#entries.delete(id);
     }
   }
   /** Entries held. */
@@ -200,12 +217,14 @@ export async function handleDelivery(m: JsMsg, deps: EventDeps): Promise<Handled
 async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
   const seq = m.info.streamSequence;
   const attempt = m.info.deliveryCount;
-  if (deps.memory.has(seq)) {
-    // Its result is stored; the ack was lost. Acknowledge, do not rerun.
-    deps.log.info("event at stream sequence {seq} already has its result stored: acknowledging", {
+  if (deps.inProgress.has(seq)) {
+    // Handed out again while its delivery is still in progress here (a new
+    // consumer leader that had not replicated the first delivery): that one's
+    // +WPI, ack or nak settles the stream sequence. A nak here would schedule
+    // yet another delivery, each counting against maxAttempts.
+    deps.log.info("event at stream sequence {seq} delivered again while in progress here", {
       seq,
     });
-    m.ack();
     return NOTHING_RAN;
   }
 
@@ -215,6 +234,15 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
     return NOTHING_RAN;
   }
   const { message: msg, resourceJson } = decoded;
+  const msgId = resultMsgId(deps.driver.name, msg.run_id, msg.id);
+  if (deps.memory.has(msgId)) {
+    // Its result is stored; the ack was lost. Acknowledge, do not rerun.
+    deps.log.info("run {runId}: its result is already stored; acknowledging again", {
+      runId: msg.run_id,
+    });
+    settleConfirmed(m, "+ACK", msgId, deps);
+    return NOTHING_RAN;
+  }
   const type = typeOf(m.subject, msg.payload);
   let handler = eventHandler(msg.event, deps.events, deps.fleet());
   if (handler === "none") {
@@ -228,8 +256,8 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
     handlesType: deps.types.has(type),
     event: msg.event,
     eventHandler: handler,
-    // Reconciling or storing its result here: a redelivery must not run beside it.
-    runningHere: deps.running.has(seq) || deps.settling.has(seq),
+    // A reconcile that ignored its signal still runs here: do not run beside it.
+    runningHere: deps.running.has(seq),
   }, deps.policy);
   switch (admission.action) {
     case "skip":
@@ -254,44 +282,49 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
         runId: msg.run_id,
         reason: admission.reason,
       });
-      await carryOut(
-        m,
-        msg,
-        resourceJson,
-        { action: "report", result: admission.result, then: "term" },
-        undefined,
-        deps,
-      );
+      deps.inProgress.add(seq);
+      try {
+        await carryOut(
+          m,
+          msg,
+          resourceJson,
+          { action: "report", result: admission.result, then: "term" },
+          undefined,
+          deps,
+        );
+      } finally {
+        deps.inProgress.delete(seq);
+      }
       return NOTHING_RAN;
     case "run":
       break;
   }
 
+  deps.inProgress.add(seq);
   deps.working.add(m);
-  const run = createRunLog({
-    nc: deps.nc,
-    js: deps.js,
-    driver: deps.driver.name,
-    runId: msg.run_id,
-    pipeline: msg.payload.pipeline || undefined,
-    attempts: Infinity,
-    onLate: (line) =>
-      deps.log.warn(
-        "run {runId}: lines logged after reconcile returned are not stored (first: {line})",
-        { runId: msg.run_id, line: line.slice(0, 200) },
-      ),
-  });
-  const { outcome, userDone } = reconcile(m, msg, run, deps);
-  const ended = await outcome;
-  run.seal();
-  const decision = decide(ended, attempt, deps.policy);
-  deps.settling.add(seq);
   try {
+    const run = createRunLog({
+      nc: deps.nc,
+      js: deps.js,
+      driver: deps.driver.name,
+      runId: msg.run_id,
+      pipeline: msg.payload.pipeline || undefined,
+      attempts: Infinity,
+      onLate: (line) =>
+        deps.log.warn(
+          "run {runId}: lines logged after reconcile returned are not stored (first: {line})",
+          { runId: msg.run_id, line: line.slice(0, 200) },
+        ),
+    });
+    const { outcome, userDone } = reconcile(m, msg, run, deps);
+    const ended = await outcome;
+    run.seal();
+    const decision = decide(ended, attempt, deps.policy);
     await carryOut(m, msg, resourceJson, decision, run, deps);
+    return { userDone };
   } finally {
-    deps.settling.delete(seq);
+    deps.inProgress.delete(seq);
   }
-  return { userDone };
 }
 
 /** Type of the event's resource: its subject's last token (what the filter matched). */
@@ -468,6 +501,7 @@ async function carryOut(
 ): Promise<void> {
   const attempt = m.info.deliveryCount;
   const deadline = Date.now() + SETTLE_LIMIT_MS;
+  const msgId = resultMsgId(deps.driver.name, msg.run_id, msg.id);
   try {
     if (decision.action === "retry" || decision.action === "handBack") {
       // The logs of a failed or interrupted attempt are kept, best effort.
@@ -527,12 +561,7 @@ async function carryOut(
     }
     try {
       await run?.flush({ signal: deps.settleDeadline, deadline });
-      await publishResult(
-        fitted.body,
-        resultMsgId(deps.driver.name, msg.run_id, msg.id),
-        deps,
-        deadline,
-      );
+      await publishResult(fitted.body, msgId, deps, deadline);
     } catch (err) {
       // Nothing was reported: let the event come back and try again.
       deps.stats.requeued++;
@@ -545,12 +574,56 @@ async function carryOut(
     }
     if (result.success) deps.stats.succeeded++;
     else deps.stats.failed++;
-    deps.memory.add(m.info.streamSequence);
-    if (then === "ack") m.ack();
-    else m.term(`failed: ${result.message}`.slice(0, 1_000));
+    settleConfirmed(
+      m,
+      then === "ack" ? "+ACK" : `+TERM ${`failed: ${result.message}`.slice(0, 1_000)}`,
+      msgId,
+      deps,
+    );
   } finally {
     deps.working.delete(m);
   }
+}
+
+/**
+ * Acknowledges (or terminates) an event whose result is stored, and has the
+ * server confirm it, as `JsMsg.ackAck()` does: a replicated consumer replies
+ * only once the ack is committed through raft, so no reply means the ack may
+ * be lost (its node killed, the consumer leader moved) and the event would
+ * come back after `ack_wait`. Until confirmed, the result's id stays in the
+ * memory (a redelivery is acknowledged, not rerun) and the ack is sent again
+ * in the background (a repeated ack is harmless) until `ack_wait` has passed.
+ * By hand because `ackAck()` sends nothing the second time and cannot carry
+ * `+TERM`. The slot does not wait for it; a shutdown does, within its bound.
+ */
+function settleConfirmed(
+  m: JsMsg,
+  payload: "+ACK" | `+TERM ${string}`,
+  msgId: string,
+  deps: EventDeps,
+): void {
+  // JsMsg does not declare `reply` (the ack subject); every delivery has one.
+  const reply = (m as unknown as { reply?: string }).reply;
+  if (!reply) {
+    if (payload === "+ACK") m.ack();
+    else m.term(payload.slice("+TERM ".length));
+    return;
+  }
+  deps.memory.add(msgId);
+  const until = Date.now() + deps.fleet().ackWaitMs;
+  const confirming = (async () => {
+    for (let i = 0;; i++) {
+      try {
+        await deps.nc.request(reply, payload, { timeout: CONFIRM_TIMEOUT_MS });
+        deps.memory.delete(msgId);
+        return;
+      } catch { /* no reply: lost, or not committed yet */ }
+      if (deps.nc.isClosed() || Date.now() > until || deps.settleDeadline.aborted) return;
+      await pause(Math.min(5_000, 250 * 2 ** i), deps.settleDeadline);
+    }
+  })();
+  deps.confirming.add(confirming);
+  void confirming.finally(() => deps.confirming.delete(confirming));
 }
 
 /**
