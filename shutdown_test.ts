@@ -1,7 +1,6 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { getEventListeners } from "node:events";
-import process from "node:process";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { type Driver, serve, ShutdownError, startDriver } from "./mod.ts";
 import { publishEvent, readStream } from "./testing.ts";
