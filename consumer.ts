@@ -37,7 +37,16 @@ export const DELIVER_MARGIN = 3;
 /** 100 years in nanoseconds: an inactive threshold that never passes. */
 const KEEP_FOREVER = nanos(100 * 365 * 24 * 3_600_000);
 
-/** The consumer's filter: both subject forms for every resource type. */
+/**
+ * The consumer's filter: both subject forms for every resource type.
+ *
+ * @example
+ * ```ts
+ * import { filterSubjects } from "@conveyor/driver";
+ * filterSubjects({ name: "builder", resources: ["app"] });
+ * // ["resources.app", "drivers.builder.resources.app"]
+ * ```
+ */
 export function filterSubjects(driver: Pick<Driver, "name" | "resources">): string[] {
   return [...new Set(driver.resources)].flatMap((r) => [
     `resources.${r}`,

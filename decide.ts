@@ -245,7 +245,16 @@ export function fitResult(result: DriverResult, frame: ResultFrame): FittedResul
   };
 }
 
-/** The `Nats-Msg-Id` of a result: equal for every delivery of the same event. */
+/**
+ * The `Nats-Msg-Id` of a result: equal for every delivery of the same event.
+ *
+ * @example
+ * ```ts
+ * import { resultMsgId } from "@conveyor/driver";
+ * resultMsgId("builder", "0b7e1c1e-8d4e-4f7a-9a52-4a3b2c1d0e9f", "42");
+ * // "driver.result.builder.0b7e1c1e-8d4e-4f7a-9a52-4a3b2c1d0e9f.42"
+ * ```
+ */
 export function resultMsgId(driver: string, runId: string, messageId: string): string {
   return `driver.result.${driver}.${runId}.${messageId}`;
 }
