@@ -53,7 +53,7 @@ describe("faults over time", () => {
     // 10,000 (resident memory still settles during the first few thousand).
     const total = long ? 100_000 : 10_000;
     const first = long ? 10_000 : 5_000;
-    const driver = spawnProgram("soak_driver", {
+    await using driver = spawnProgram("soak_driver", {
       NATS_URL: env.url,
       DRIVER_NAME: "soak",
       CHECKPOINTS: [first, total].join(","),
@@ -102,6 +102,11 @@ describe("faults over time", () => {
       CONVEYOR_ACK_WAIT: "2s",
     };
     const trio = [0, 1, 2].map(() => spawnProgram("slow_driver", vars));
+    await using _trio = {
+      async [Symbol.asyncDispose]() {
+        await Promise.all(trio.map((p) => p[Symbol.asyncDispose]()));
+      },
+    };
     await Promise.all(trio.map((p) => p.ready()));
     const runIds = await publishMany(env, n, "trio");
     const victim = trio[0];

@@ -103,7 +103,7 @@ describe("graceful shutdown", () => {
   for (const signal of ["SIGTERM", "SIGINT"] as const) {
     it(`on ${signal} mid-job: publishes the job's result, exits 0, loses no event`, async () => {
       await using env = await conveyorEnv();
-      const driver = spawnDriver(env, signal, 1_500);
+      await using driver = spawnDriver(env, signal, 1_500);
       await driver.ready();
       const names = ["one", "two", "three"];
       for (const name of names) await publishEvent(env.nc, { resource: "pipeline", name });
@@ -138,7 +138,7 @@ describe("graceful shutdown", () => {
   it("on a second SIGTERM stops waiting, hands the job back and still exits 0", async () => {
     await using env = await conveyorEnv();
     // A job far longer than the test, that ignores ctx.signal.
-    const driver = spawnDriver(env, "impatient", 60_000);
+    await using driver = spawnDriver(env, "impatient", 60_000);
     await driver.ready();
     const e = await publishEvent(env.nc, { resource: "pipeline", name: "forever" });
     await waitFor(() => driver.out.includes("started forever"), "job started");
@@ -228,7 +228,7 @@ describe("graceful shutdown", () => {
 
   it("exits the process only once every driver in it has stopped", async () => {
     await using env = await conveyorEnv();
-    const p = spawnProgram("two_drivers", {
+    await using p = spawnProgram("two_drivers", {
       NATS_URL: env.url,
       DRIVER_A: "exit-a",
       DRIVER_B: "exit-b",
@@ -248,7 +248,7 @@ describe("graceful shutdown", () => {
 
   it("with exitProcess false, leaves the process to the application", async () => {
     await using env = await conveyorEnv();
-    const p = spawnProgram("two_drivers", {
+    await using p = spawnProgram("two_drivers", {
       NATS_URL: env.url,
       DRIVER_A: "stay-a",
       DRIVER_B: "stay-b",

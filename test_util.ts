@@ -68,8 +68,12 @@ export async function consumerState(nc: NatsConnection, name: string) {
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-/** A program from testdata/ running in its own process; see {@link spawnProgram}. */
-export interface Program {
+/**
+ * A program from testdata/ running in its own process; see {@link spawnProgram}.
+ * Disposing of it kills it (SIGKILL) if it still runs, so a failing test
+ * leaves no process behind.
+ */
+export interface Program extends AsyncDisposable {
   /** Everything it printed on stdout so far. */
   out: string;
   /** Its exit code (null when a signal ended it). */
@@ -109,6 +113,11 @@ export function spawnProgram(
     // process.kill, not child.kill: Deno's ChildProcess reports any child it
     // was asked to kill as ended by that signal, whatever its exit code.
     kill: (signal) => process.kill(Number(/ready (\d+)/.exec(proc.out)![1]), signal),
+    async [Symbol.asyncDispose]() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill("SIGKILL");
+      await proc.exited;
+    },
   };
   child.stdout!.on("data", (c: Uint8Array) => (proc.out += new TextDecoder().decode(c)));
   return proc;

@@ -67,6 +67,18 @@ async function run(stage, cmd, args, parse) {
       res("error");
     });
     child.on("close", (code, signal) => res(code ?? signal));
+    // A process a test left behind may hold the pipes open after the stage
+    // exited: take the exit, with a moment for the last output, and go on.
+    child.on("exit", (code, signal) =>
+      setTimeout(() => {
+        if (child.stdout.readableEnded && child.stderr.readableEnded) return;
+        process.stdout.write(
+          `\n${stage}: exited, but a process it started still holds its output; not waiting\n`,
+        );
+        child.stdout.destroy();
+        child.stderr.destroy();
+        res(code ?? signal);
+      }, 2_000).unref());
   });
   const ok = status === 0;
   const found = parse?.(`${copy.stdout}\n${copy.stderr}`);
