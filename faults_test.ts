@@ -59,7 +59,10 @@ describe("faults over time", () => {
       CHECKPOINTS: [first, total].join(","),
     }, { gc: true });
     await driver.ready();
-    await publishMany(env, total, "soak");
+    // Both readings at rest: the first batch is done before the rest is sent.
+    await publishMany(env, first, "soak");
+    await waitFor(() => driver.out.includes(`rss ${first} `), "the first memory reading");
+    await publishMany(env, total - first, "soak2");
     await waitFor(async () => (await resultCount(env)) >= total, `${total} results`, total * 5);
     await waitFor(() => driver.out.includes(`rss ${total} `), "the last memory reading");
     const [early, late] = [...driver.out.matchAll(/^rss (\d+) (\d+) (\d+)$/gm)]
@@ -73,10 +76,16 @@ describe("faults over time", () => {
     // resident memory is still settling, so only a gross leak is caught by
     // it, and the heap (after collection) is the precise measure.
     const rssBound = long ? 1.1 : 1.5;
+    // Bun's allocator now and then grows resident memory by a step of about
+    // 10 MiB and keeps it, whatever runs: a hand-written nats.js loop doing
+    // the same work per event shows the same steps (56.5 -> 66.6 MiB in one
+    // of three runs; the runtime 69.4 -> 82.2 in one of three). There the
+    // heap is the leak measure, and resident memory gets one step of slack.
+    const slack = "Bun" in globalThis ? 16 * 1024 * 1024 : 0;
     assert.ok(
-      late.rss <= early.rss * rssBound,
-      `resident memory grew more than ${Math.round((rssBound - 1) * 100)}%: ` +
-        `${mb(early.rss)} -> ${mb(late.rss)} MiB`,
+      late.rss <= early.rss * rssBound + slack,
+      `resident memory grew more than ${Math.round((rssBound - 1) * 100)}%` +
+        `${slack ? " + 16 MiB" : ""}: ${mb(early.rss)} -> ${mb(late.rss)} MiB`,
     );
     assert.ok(
       late.heap <= early.heap * 1.1 + 1024 * 1024,
