@@ -8,7 +8,7 @@ import process from "node:process";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { AckPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { startDriver } from "./mod.ts";
-import { sleep, waitFor } from "./test_util.ts";
+import { publishMany, sleep, waitFor } from "./test_util.ts";
 import {
   clientNode,
   createConveyorStreamsClustered,
@@ -49,36 +49,6 @@ function engine(
     }
   })();
   return { stop: () => ((stopped = true), done.catch(() => {})) };
-}
-
-async function publishAll(nc: NatsConnection, n: number): Promise<string[]> {
-  const js = jetstream(nc);
-  const runIds: string[] = [];
-  for (let i = 0; i < n; i += 200) {
-    const batch = [];
-    for (let j = i; j < Math.min(n, i + 200); j++) {
-      const runId = crypto.randomUUID();
-      runIds.push(runId);
-      const resource = JSON.stringify({
-        id: `c${j}`,
-        name: `c${j}`,
-        resource: "pipeline",
-        metadata: { version: "1" },
-        spec: {},
-      });
-      batch.push(js.publish(
-        "resources.pipeline",
-        JSON.stringify({
-          event: "create",
-          id: crypto.randomUUID(),
-          run_id: runId,
-          payload: resource,
-        }),
-      ));
-    }
-    await Promise.all(batch);
-  }
-  return runIds;
 }
 
 async function killAndRestart(cluster: NatsCluster, name: string, downMs: number) {
@@ -128,7 +98,7 @@ describe("a JetStream cluster loses nodes", () => {
         handleSignals: false,
         configureLogging: false,
       });
-      const runIds = await publishAll(nc, total);
+      const runIds = await publishMany(nc, total, "c");
 
       await waitFor(() => results.size >= total / 10, "the first tenth of the results", 60_000);
       const driverNode = await waitFor(

@@ -11,10 +11,20 @@ import {
 } from "@nats-io/jetstream";
 import { consumerWants, EVENTS_KEY, fleetOf, planConsumer } from "./consumer.ts";
 import { ConsumerError, type Driver, type ServeOptions, startDriver } from "./mod.ts";
-import { publishEvent, readStream, type StoredMessage } from "./testing.ts";
-import { consumerState, conveyorEnv, type Env, sleep, waitFor } from "./test_util.ts";
+import { publishEvent } from "./testing.ts";
+import {
+  consumerState,
+  conveyorEnv,
+  type Env,
+  type Envelope,
+  envelope,
+  quiet,
+  results,
+  sleep,
+  waitFor,
+  waitForResults,
+} from "./test_util.ts";
 
-const quiet = { handleSignals: false, configureLogging: false } as const;
 const defaults = { ackWait: 30_000, maxAckPending: 1_000, maxAttempts: 5 };
 
 function existing(overrides: Partial<ConsumerConfig> = {}): ConsumerConfig {
@@ -127,23 +137,9 @@ describe("planConsumer", () => {
   });
 });
 
-// deno-lint-ignore no-explicit-any
-type Envelope = { run_id: string; resource: any; driverresult: any };
-const results = async (env: Env): Promise<Envelope[]> =>
-  (await readStream(env.nc, "pipeline-engine", "pipelines.driver.result")).map((m: StoredMessage) =>
-    m.json as Envelope
-  );
-
-async function waitForResults(env: Env, n: number, timeout = 30_000): Promise<Envelope[]> {
-  return await waitFor(
-    async () => {
-      const r = await results(env);
-      return r.length >= n ? r : undefined;
-    },
-    `${n} result(s)`,
-    timeout,
-  );
-}
+const stored = async (env: Env): Promise<Envelope[]> => (await results(env)).map(envelope);
+const waitForStored = async (env: Env, n: number): Promise<Envelope[]> =>
+  (await waitForResults(env, n, 30_000)).map(envelope);
 
 /** A version of driver "app": records the names of what it reconciled. */
 function version(resources: string[], events?: string[]) {
@@ -178,7 +174,7 @@ describe("rolling deploys: two versions share one consumer", () => {
     const filter = (await consumerState(env.nc, "app")).config.filter_subjects!;
     assert.ok(filter.includes("resources.b"), `filter kept b: ${filter}`);
     await publishEvent(env.nc, { resource: "b", name: "after-v1" });
-    await waitForResults(env, 1);
+    await waitForStored(env, 1);
     assert.deepEqual(v2.seen, ["b/create/after-v1"]);
   });
 
@@ -191,7 +187,7 @@ describe("rolling deploys: two versions share one consumer", () => {
     for (let i = 0; i < 10; i++) {
       await publishEvent(env.nc, { resource: i % 2 ? "b" : "a", name: `r${i}` });
     }
-    const both = await waitForResults(env, 10);
+    const both = await waitForStored(env, 10);
     assert.ok(both.every((r) => r.driverresult.success), "every event succeeded once");
     assert.equal(new Set(both.map((r) => r.run_id)).size, 10);
     assert.ok(v1.seen.every((s) => s.startsWith("a/")), `v1 saw ${v1.seen}`);
@@ -202,7 +198,7 @@ describe("rolling deploys: two versions share one consumer", () => {
     // reports them as failed once their attempts are spent.
     await publishEvent(env.nc, { resource: "b", name: "orphan" });
     await publishEvent(env.nc, { resource: "a", name: "still-mine" });
-    const all = await waitForResults(env, 12);
+    const all = await waitForStored(env, 12);
     const orphan = all.find((r) => r.resource.name === "orphan")!;
     assert.equal(orphan.driverresult.success, false);
     assert.match(orphan.driverresult.message, /handles resource type "b"/);
@@ -224,7 +220,7 @@ describe("rolling deploys: two versions share one consumer", () => {
       await publishEvent(env.nc, { resource: "a", name: `d${i}`, event: "delete" });
     }
     await publishEvent(env.nc, { resource: "a", name: "nobody", event: "archive" });
-    const r = await waitForResults(env, 6);
+    const r = await waitForStored(env, 6);
     assert.ok(r.every((x) => x.driverresult.success));
     assert.equal(both.seen.filter((s) => s.includes("/delete/")).length, 6);
     assert.ok(!creates.seen.some((s) => s.includes("/delete/")));
@@ -232,7 +228,7 @@ describe("rolling deploys: two versions share one consumer", () => {
       const s = await consumerState(env.nc, "app");
       return s.pending === 0 && s.ackPending === 0;
     }, "archive skipped");
-    assert.equal((await results(env)).length, 6, "no result for an event no version handles");
+    assert.equal((await stored(env)).length, 6, "no result for an event no version handles");
   });
 
   it("a start with a shorter ack_wait does not lower it: a long job runs once", async () => {
@@ -255,7 +251,7 @@ describe("rolling deploys: two versions share one consumer", () => {
     await using _c = await startDriver(slow, { ...opts(env), ackWait: 1_000 });
     const s = await consumerState(env.nc, "app");
     assert.equal(s.config.ack_wait, nanos(9_000));
-    await waitForResults(env, 1);
+    await waitForStored(env, 1);
     await sleep(500);
     assert.equal(runs.length, 1, "ran once");
     assert.equal((await consumerState(env.nc, "app")).redelivered, 0);

@@ -4,42 +4,18 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
-import { jetstream } from "@nats-io/jetstream";
 import { readStream } from "./testing.ts";
-import { consumerState, conveyorEnv, type Env, sleep, spawnProgram, waitFor } from "./test_util.ts";
+import {
+  consumerState,
+  conveyorEnv,
+  type Env,
+  publishMany,
+  sleep,
+  spawnProgram,
+  waitFor,
+} from "./test_util.ts";
 
 const long = process.env.CONVEYOR_FAULTS === "long";
-
-/** Publishes `n` events to resources.pipeline in the server's wire format, pipelined. */
-async function publishMany(env: Env, n: number, prefix: string): Promise<Set<string>> {
-  const js = jetstream(env.nc);
-  const runIds = new Set<string>();
-  for (let i = 0; i < n; i += 500) {
-    const batch = [];
-    for (let j = i; j < Math.min(n, i + 500); j++) {
-      const runId = crypto.randomUUID();
-      runIds.add(runId);
-      const resource = JSON.stringify({
-        id: `${prefix}-${j}`,
-        name: `${prefix}-${j}`,
-        resource: "pipeline",
-        metadata: { version: "1" },
-        spec: { n: j },
-      });
-      batch.push(js.publish(
-        "resources.pipeline",
-        JSON.stringify({
-          event: "create",
-          id: crypto.randomUUID(),
-          run_id: runId,
-          payload: resource,
-        }),
-      ));
-    }
-    await Promise.all(batch);
-  }
-  return runIds;
-}
 
 async function resultCount(env: Env): Promise<number> {
   const { jetstreamManager } = await import("@nats-io/jetstream");
@@ -60,9 +36,9 @@ describe("faults over time", () => {
     }, { gc: true });
     await driver.ready();
     // Both readings at rest: the first batch is done before the rest is sent.
-    await publishMany(env, first, "soak");
+    await publishMany(env.nc, first, "soak");
     await waitFor(() => driver.out.includes(`rss ${first} `), "the first memory reading");
-    await publishMany(env, total - first, "soak2");
+    await publishMany(env.nc, total - first, "soak2");
     await waitFor(async () => (await resultCount(env)) >= total, `${total} results`, total * 5);
     await waitFor(() => driver.out.includes(`rss ${total} `), "the last memory reading");
     const [early, late] = [...driver.out.matchAll(/^rss (\d+) (\d+) (\d+)$/gm)]
@@ -117,7 +93,7 @@ describe("faults over time", () => {
       },
     };
     await Promise.all(trio.map((p) => p.ready()));
-    const runIds = await publishMany(env, n, "trio");
+    const runIds = new Set(await publishMany(env.nc, n, "trio"));
     const victim = trio[0];
     await waitFor(() => (victim.out.match(/started/g) ?? []).length >= 3, "the victim at work");
     const startedBefore = (victim.out.match(/started/g) ?? []).length;

@@ -12,53 +12,19 @@ import {
   startDriver,
   StreamNotFoundError,
 } from "./mod.ts";
-import {
-  type PublishedEvent,
-  publishEvent,
-  readStream,
-  startNatsServer,
-  type StoredMessage,
-} from "./testing.ts";
+import { type PublishedEvent, publishEvent, startNatsServer } from "./testing.ts";
 import {
   consumerState,
   conveyorEnv,
-  type Env,
+  drained,
+  envelope,
+  quiet,
+  results,
   sddValidators,
   sleep,
   waitFor,
+  waitForResults,
 } from "./test_util.ts";
-
-const quiet = { handleSignals: false, configureLogging: false } as const;
-
-function results(env: Env): Promise<StoredMessage[]> {
-  return readStream(env.nc, "pipeline-engine", "pipelines.driver.result");
-}
-
-async function waitForResults(env: Env, n: number, timeout?: number): Promise<StoredMessage[]> {
-  return await waitFor(
-    async () => {
-      const r = await results(env);
-      return r.length >= n ? r : undefined;
-    },
-    `${n} result(s)`,
-    timeout,
-  );
-}
-
-// deno-lint-ignore no-explicit-any
-type Envelope = { run_id: string; resource: any; driverresult: any; event: string };
-
-function envelope(m: StoredMessage): Envelope {
-  return m.json as Envelope;
-}
-
-/** Waits until the consumer has nothing pending or unacknowledged. */
-function drained(env: Env, name: string) {
-  return waitFor(async () => {
-    const s = await consumerState(env.nc, name);
-    return s.pending === 0 && s.ackPending === 0 ? s : undefined;
-  }, `consumer ${name} drained`);
-}
 
 describe("serve: starting up", () => {
   it("creates the durable pull consumer with both subject forms per resource type", async () => {

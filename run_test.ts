@@ -6,33 +6,19 @@ import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { configure, type LogRecord, reset } from "@logtape/logtape";
 import { type Driver, startDriver } from "./mod.ts";
-import { publishEvent, readStream, type StoredMessage } from "./testing.ts";
-import { consumerState, conveyorEnv, type Env, sleep, waitFor } from "./test_util.ts";
-
-const quiet = { handleSignals: false, configureLogging: false } as const;
-
-// deno-lint-ignore no-explicit-any
-type Envelope = { run_id: string; resource: any; driverresult: any };
-const envelope = (m: StoredMessage) => m.json as Envelope;
-const results = (env: Env) => readStream(env.nc, "pipeline-engine", "pipelines.driver.result");
-
-async function waitForResults(env: Env, n: number, timeout = 20_000): Promise<StoredMessage[]> {
-  return await waitFor(
-    async () => {
-      const r = await results(env);
-      return r.length >= n ? r : undefined;
-    },
-    `${n} result(s)`,
-    timeout,
-  );
-}
-
-function drained(env: Env, name: string) {
-  return waitFor(async () => {
-    const s = await consumerState(env.nc, name);
-    return s.pending === 0 && s.ackPending === 0 ? s : undefined;
-  }, `consumer ${name} drained`);
-}
+import { publishEvent, readStream } from "./testing.ts";
+import {
+  consumerState,
+  conveyorEnv,
+  drained,
+  type Env,
+  envelope,
+  quiet,
+  results,
+  sleep,
+  waitFor,
+  waitForResults,
+} from "./test_util.ts";
 
 /** Publishes raw wire text to resources.{type}, as a misbehaving publisher could. */
 async function publishRaw(env: Env, type: string, body: string) {

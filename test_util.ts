@@ -2,8 +2,14 @@
 import { spawn } from "node:child_process";
 import process from "node:process";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { jetstreamManager } from "@nats-io/jetstream";
-import { createConveyorStreams, type NatsServer, startNatsServer } from "./testing.ts";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import {
+  createConveyorStreams,
+  type NatsServer,
+  readStream,
+  startNatsServer,
+  type StoredMessage,
+} from "./testing.ts";
 
 /** Polls `check` until it returns a truthy value or `timeout` ms pass. */
 export async function waitFor<T>(
@@ -51,6 +57,83 @@ export async function conveyorEnv(): Promise<Env> {
       await server.stop();
     },
   };
+}
+
+/** Options the tests start drivers with: no signal handlers, no console output. */
+export const quiet = { handleSignals: false, configureLogging: false } as const;
+
+/** A result envelope as stored (loosely typed, for assertions). */
+// deno-lint-ignore no-explicit-any
+export type Envelope = { event: string; run_id: string; resource: any; driverresult: any };
+
+/** The envelope of a stored result. */
+export const envelope = (m: StoredMessage): Envelope => m.json as Envelope;
+
+/** The results stored on `pipelines.driver.result`. */
+export function results(env: Env): Promise<StoredMessage[]> {
+  return readStream(env.nc, "pipeline-engine", "pipelines.driver.result");
+}
+
+/** Waits until at least `n` results are stored; returns them. */
+export async function waitForResults(
+  env: Env,
+  n: number,
+  timeout = 20_000,
+): Promise<StoredMessage[]> {
+  return await waitFor(
+    async () => {
+      const r = await results(env);
+      return r.length >= n ? r : undefined;
+    },
+    `${n} result(s)`,
+    timeout,
+  );
+}
+
+/** Waits until the consumer has nothing pending or unacknowledged. */
+export function drained(env: Env, name: string): Promise<unknown> {
+  return waitFor(async () => {
+    const s = await consumerState(env.nc, name);
+    return s.pending === 0 && s.ackPending === 0 ? s : undefined;
+  }, `consumer ${name} drained`);
+}
+
+/**
+ * Publishes `n` events to resources.pipeline in the server's wire format,
+ * pipelined in batches; returns their run ids in order.
+ */
+export async function publishMany(
+  nc: NatsConnection,
+  n: number,
+  prefix: string,
+): Promise<string[]> {
+  const js = jetstream(nc);
+  const runIds: string[] = [];
+  for (let i = 0; i < n; i += 500) {
+    const batch = [];
+    for (let j = i; j < Math.min(n, i + 500); j++) {
+      const runId = crypto.randomUUID();
+      runIds.push(runId);
+      const resource = JSON.stringify({
+        id: `${prefix}-${j}`,
+        name: `${prefix}-${j}`,
+        resource: "pipeline",
+        metadata: { version: "1" },
+        spec: { n: j },
+      });
+      batch.push(js.publish(
+        "resources.pipeline",
+        JSON.stringify({
+          event: "create",
+          id: crypto.randomUUID(),
+          run_id: runId,
+          payload: resource,
+        }),
+      ));
+    }
+    await Promise.all(batch);
+  }
+  return runIds;
 }
 
 /** Delivered and acknowledged counts of a driver's consumer. */
