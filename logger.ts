@@ -264,20 +264,25 @@ export function createRunLog(opts: RunLogOptions): RunLog {
     } catch {
       // Live streaming is best effort; the JetStream copy below is the record.
     }
-    const line: Line = { data, msgID: `${nonce}.${++seq}`, headers: h, done: Promise.resolve() };
     buffered += data.length;
+    send({ data, msgID: `${nonce}.${++seq}`, headers: h, done: Promise.resolve() });
+  }
+
+  /** Publishes a line to JetStream; a failed one waits in `failed` for `flush`. */
+  function send(line: Line): void {
     inflight.add(line);
-    line.done = js.publish(jsSubject, data, { msgID: line.msgID, headers: h }).then(
-      () => {
-        inflight.delete(line);
-        buffered -= data.length;
-      },
-      (err) => {
-        inflight.delete(line);
-        line.failed = err;
-        failed.push(line);
-      },
-    );
+    line.done = js.publish(jsSubject, line.data, { msgID: line.msgID, headers: line.headers })
+      .then(
+        () => {
+          inflight.delete(line);
+          buffered -= line.data.length;
+        },
+        (err) => {
+          inflight.delete(line);
+          line.failed = err;
+          failed.push(line);
+        },
+      );
   }
 
   function make(bound: Labels): DriverLogger {
@@ -306,21 +311,7 @@ export function createRunLog(opts: RunLogOptions): RunLog {
       // Every failed line again, together, after a pause that grows.
       await pause(Math.min(2_000, 100 * 2 ** round), signal);
       if (signal?.aborted) continue;
-      for (const line of failed.splice(0)) {
-        inflight.add(line);
-        line.done = js.publish(jsSubject, line.data, { msgID: line.msgID, headers: line.headers })
-          .then(
-            () => {
-              inflight.delete(line);
-              buffered -= line.data.length;
-            },
-            (err) => {
-              inflight.delete(line);
-              line.failed = err;
-              failed.push(line);
-            },
-          );
-      }
+      for (const line of failed.splice(0)) send(line);
     }
   }
 

@@ -288,6 +288,7 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
           m,
           msg,
           resourceJson,
+          msgId,
           { action: "report", result: admission.result, then: "term" },
           undefined,
           deps,
@@ -320,7 +321,7 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
     const ended = await outcome;
     run.seal();
     const decision = decide(ended, attempt, deps.policy);
-    await carryOut(m, msg, resourceJson, decision, run, deps);
+    await carryOut(m, msg, resourceJson, msgId, decision, run, deps);
     return { userDone };
   } finally {
     deps.inProgress.delete(seq);
@@ -495,13 +496,13 @@ async function carryOut(
   m: JsMsg,
   msg: DriverMessage,
   resourceJson: string,
+  msgId: string,
   decision: Decision,
   run: RunLog | undefined,
   deps: EventDeps,
 ): Promise<void> {
   const attempt = m.info.deliveryCount;
   const deadline = Date.now() + SETTLE_LIMIT_MS;
-  const msgId = resultMsgId(deps.driver.name, msg.run_id, msg.id);
   try {
     if (decision.action === "retry" || decision.action === "handBack") {
       // The logs of a failed or interrupted attempt are kept, best effort.
