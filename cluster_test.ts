@@ -72,6 +72,7 @@ describe("a JetStream cluster loses nodes", () => {
       const total = long ? 3_000 : 600;
       const [workMs, concurrency] = long ? [80, 16] : [100, 4];
       const reconciled = new Map<string, number>();
+      const starts: number[] = [];
       const results = new Map<string, { seqs: Set<number>; ids: Set<string>; success: boolean }>();
       const pipelineEngine = engine(nc, "pipeline-engine", ({ seq, id, json }) => {
         const e = json as { run_id: string; driverresult: { success: boolean } };
@@ -87,6 +88,7 @@ describe("a JetStream cluster loses nodes", () => {
         resources: ["pipeline"],
         async reconcile({ runId, logger }) {
           reconciled.set(runId, (reconciled.get(runId) ?? 0) + 1);
+          starts.push(Date.now());
           logger.info("step 1");
           await sleep(workMs);
           logger.info("step 2");
@@ -105,6 +107,7 @@ describe("a JetStream cluster loses nodes", () => {
         () => clientNode(cluster, "conveyor-driver:clustered"),
         "the driver's node",
       );
+      const killedAt = Date.now();
       await killAndRestart(cluster, driverNode, 3_000);
       await sleep(1_000);
       const leader = await streamLeader(url, "pipeline-engine");
@@ -125,8 +128,12 @@ describe("a JetStream cluster loses nodes", () => {
       const twoIds = [...results].filter(([, r]) => r.ids.size > 1);
       const copies = [...results].filter(([, r]) => r.seqs.size > 1);
       const took = recovery.toFixed(1);
+      // How long the driver did no work after losing its node.
+      const resumed = starts.find((t) => t > killedAt + 50);
+      const pause = resumed ? ((resumed - killedAt) / 1000).toFixed(1) : "-";
       console.log(
-        `cluster: ${total} events; killed ${driverNode} (the driver's node), then ${leader} ` +
+        `cluster: ${total} events; killed ${driverNode} (the driver's node; its next reconcile ` +
+          `${pause} s later), then ${leader} ` +
           `(pipeline-engine leader) at ${before} results (${reconciledBefore} reconciled); ` +
           `all results ${took} s after the ` +
           `last restart; ${copies.length} event(s) with a second stored copy of one result id`,
