@@ -17,7 +17,7 @@ import {
 } from "@logtape/logtape";
 import { headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
 import type { JetStreamClient } from "@nats-io/jetstream";
-import { pause } from "./_util.ts";
+import { pause, setLongTimeout } from "./_util.ts";
 import { PublishError } from "./errors.ts";
 import type { LogEntry } from "./types.ts";
 
@@ -301,7 +301,7 @@ export function createRunLog(opts: RunLogOptions): RunLog {
     const { signal, deadline = Infinity } = options;
     for (let round = 0;; round++) {
       if (inflight.size > 0) {
-        await untilAborted(Promise.all([...inflight].map((l) => l.done)), signal);
+        await untilAborted(Promise.all([...inflight].map((l) => l.done)), signal, deadline);
       }
       if (failed.length === 0 && inflight.size === 0) return;
       const last = failed[failed.length - 1]?.failed;
@@ -330,16 +330,22 @@ export function createRunLog(opts: RunLogOptions): RunLog {
   };
 }
 
-/** Waits for `p`, or until `signal` aborts (then resolves without it). */
-function untilAborted(p: Promise<unknown>, signal?: AbortSignal): Promise<unknown> {
-  if (!signal) return p;
-  if (signal.aborted) return Promise.resolve();
+/** Waits for `p`, or until `signal` aborts or `deadline` passes (then resolves without it). */
+function untilAborted(
+  p: Promise<unknown>,
+  signal: AbortSignal | undefined,
+  deadline: number,
+): Promise<unknown> {
+  if (!signal && deadline === Infinity) return p;
+  if (signal?.aborted || Date.now() >= deadline) return Promise.resolve();
   return new Promise((resolve) => {
-    const done = () => {
-      signal.removeEventListener("abort", done);
+    const timer = deadline === Infinity ? undefined : setLongTimeout(done, deadline - Date.now());
+    function done() {
+      timer?.clear();
+      signal?.removeEventListener("abort", done);
       resolve(undefined);
-    };
-    signal.addEventListener("abort", done, { once: true });
+    }
+    signal?.addEventListener("abort", done, { once: true });
     p.then(done, done);
   });
 }

@@ -310,6 +310,7 @@ class Runtime {
       driver,
       policy: o,
       reconcileTimeout: o.reconcileTimeout,
+      settleTimeout: o.settleTimeout,
       nc: init.nc,
       js: init.js,
       log: init.log,

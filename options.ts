@@ -76,6 +76,14 @@ export interface ServeOptions {
    */
   reconcileTimeout?: number;
   /**
+   * How long storing one event's logs and result is retried (NATS down, a
+   * stream electing its leader) before the event is handed back with a delay,
+   * in ms. The event is kept from redelivery meanwhile. `Infinity` retries
+   * until stored or shut down. Env `CONVEYOR_SETTLE_TIMEOUT`.
+   * @default 60_000
+   */
+  settleTimeout?: number;
+  /**
    * Deliveries of one event before it is reported as failed and terminated.
    * Every delivery counts: failed attempts, hand-backs on shutdown, events
    * this instance does not handle, redeliveries after a crash. The
@@ -174,6 +182,7 @@ export interface ResolvedOptions {
   consumerPolicy: ConsumerPolicy;
   shutdownTimeout: number;
   reconcileTimeout: number;
+  settleTimeout: number;
   maxAttempts: number;
   retryDelay: number;
   retryMaxDelay: number;
@@ -203,6 +212,7 @@ export const ENV = {
   concurrency: "CONVEYOR_CONCURRENCY",
   shutdownTimeout: "CONVEYOR_SHUTDOWN_TIMEOUT",
   reconcileTimeout: "CONVEYOR_RECONCILE_TIMEOUT",
+  settleTimeout: "CONVEYOR_SETTLE_TIMEOUT",
   maxAttempts: "CONVEYOR_MAX_ATTEMPTS",
   retryDelay: "CONVEYOR_RETRY_DELAY",
   retryMaxDelay: "CONVEYOR_RETRY_MAX_DELAY",
@@ -354,6 +364,11 @@ export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
       unbounded: true,
     }),
     reconcileTimeout: pick("reconcileTimeout", options.reconcileTimeout, 0, {
+      duration: true,
+      min: 0,
+      unbounded: true,
+    }),
+    settleTimeout: pick("settleTimeout", options.settleTimeout, 60_000, {
       duration: true,
       min: 0,
       unbounded: true,

@@ -21,6 +21,7 @@ describe("resolveOptions", () => {
     assert.equal(o.concurrency, 16);
     assert.equal(o.shutdownTimeout, 30_000);
     assert.equal(o.reconcileTimeout, 0);
+    assert.equal(o.settleTimeout, 60_000);
     assert.equal(o.maxAttempts, 5);
     assert.equal(o.retryDelay, 1_000);
     assert.equal(o.retryMaxDelay, 60_000);

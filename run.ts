@@ -70,8 +70,6 @@ export interface DriverStats {
 
 /** How long a reconcile that was aborted gets to return before the runtime moves on. */
 export const ABORT_GRACE_MS = 1_000;
-/** How long storing one event's logs and result is retried before it is handed back. */
-export const SETTLE_LIMIT_MS = 60_000;
 /**
  * The result publish's own timeout per try. Short, so that a publish whose
  * reply was lost with its connection is retried while the stream leader that
@@ -88,6 +86,8 @@ export interface EventDeps {
   policy: AttemptPolicy;
   /** Limit for one reconcile in ms (0 or Infinity: none). */
   reconcileTimeout: number;
+  /** How long storing an event's logs and result is retried, in ms. */
+  settleTimeout: number;
   nc: NatsConnection;
   js: JetStreamClient;
   /** The runtime's own LogTape logger. */
@@ -502,7 +502,7 @@ async function carryOut(
   deps: EventDeps,
 ): Promise<void> {
   const attempt = m.info.deliveryCount;
-  const deadline = Date.now() + SETTLE_LIMIT_MS;
+  const deadline = Date.now() + deps.settleTimeout;
   try {
     if (decision.action === "retry" || decision.action === "handBack") {
       // The logs of a failed or interrupted attempt are kept, best effort.

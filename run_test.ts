@@ -293,4 +293,71 @@ describe("hung work", () => {
       await reset();
     }
   });
+
+  it("hands back, rather than runs beside it, a redelivery of an event whose hung reconcile still runs", async () => {
+    await using env = await conveyorEnv();
+    let running = 0;
+    let peak = 0;
+    const attempts: number[] = [];
+    await using d = await startDriver({
+      name: "overlap",
+      resources: ["pipeline"],
+      async reconcile({ attempt }) {
+        attempts.push(attempt);
+        running++;
+        peak = Math.max(peak, running);
+        if (attempt === 1) await sleep(1_500); // ignores ctx.signal
+        running--;
+        return { success: true, message: `attempt ${attempt}` };
+      },
+    }, {
+      servers: env.url,
+      ...quiet,
+      concurrency: 4,
+      reconcileTimeout: 100,
+      maxAttempts: 20,
+      retryDelay: 50,
+      retryMaxDelay: 100,
+    });
+    await publishEvent(env.nc, { resource: "pipeline", name: "web" });
+    const [r] = await waitForResults(env, 1);
+    assert.equal(peak, 1, "two attempts of the same event never ran at once");
+    assert.ok(d.stats().requeued >= 1, "redeliveries were handed back while attempt 1 ran");
+    assert.ok(attempts.length === 2 && attempts[1] > 2, `attempts run: ${attempts}`);
+    assert.equal(envelope(r).driverresult.message, `attempt ${attempts[1]}`);
+  });
+});
+
+describe("storing logs and results", () => {
+  it("hands the event back after settleTimeout when its logs cannot be stored, then reports it", async () => {
+    await using env = await conveyorEnv();
+    const jsm = await jetstreamManager(env.nc);
+    const logsConfig = (await jsm.streams.info("logs-engine")).config;
+    // No stream for logs.*, and a subscriber that never answers.
+    await jsm.streams.delete("logs-engine");
+    const swallow = env.nc.subscribe("logs.>", { callback: () => {} });
+    await env.nc.flush();
+    const attempts: number[] = [];
+    await using d = await startDriver({
+      name: "unstored",
+      resources: ["pipeline"],
+      reconcile({ attempt, logger }) {
+        attempts.push(attempt);
+        logger.info(`attempt ${attempt}`);
+        return { success: true, message: "ok" };
+      },
+    }, { servers: env.url, ...quiet, settleTimeout: 1_000, retryDelay: 200, maxAttempts: 10 });
+    await publishEvent(env.nc, { resource: "pipeline", name: "web" });
+    await waitFor(() => d.stats().requeued >= 1, "the event handed back", 10_000);
+    assert.equal((await results(env)).length, 0, "no result without its logs");
+    // The log store comes back: the next attempt is stored and reported.
+    swallow.unsubscribe();
+    await jsm.streams.add(logsConfig);
+    const [r] = await waitForResults(env, 1);
+    assert.equal(envelope(r).driverresult.success, true);
+    const last = attempts[attempts.length - 1];
+    assert.ok(last >= 2);
+    const logs = await readStream(env.nc, "logs-engine");
+    assert.ok(logs.some((m) => (m.json as { message: string }).message === `attempt ${last}`));
+  });
 });
