@@ -15,8 +15,7 @@ import {
   getTextFormatter,
   type Logger,
 } from "@logtape/logtape";
-import { headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
-import type { JetStreamClient } from "@nats-io/jetstream";
+import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { pause, setLongTimeout } from "./_util.ts";
 import { PublishError } from "./errors.ts";
 import type { LogEntry } from "./types.ts";
@@ -68,12 +67,25 @@ export interface DriverLogger {
   with(labels: Labels): DriverLogger;
 }
 
+/** Publishes to JetStream and resolves when the message is stored. */
+export interface JsPublisher {
+  /** Publishes `data` with a `Nats-Msg-Id`; rejects when it is not stored. */
+  publish(
+    subject: string,
+    data: Uint8Array,
+    opts: { msgID: string; headers: MsgHdrs },
+  ): Promise<unknown>;
+}
+
 /** What the runtime needs to publish a run's logs. */
 export interface RunLogOptions {
   /** Open NATS connection (for `live.logs.*`). */
   nc: NatsConnection;
-  /** JetStream client (for `logs.*`). */
-  js: JetStreamClient;
+  /**
+   * What publishes to JetStream (`logs.*`) and waits for the acknowledgement:
+   * a nats.js `JetStreamClient`, or the runtime's `PubAcks`.
+   */
+  js: JsPublisher;
   /** Driver name. */
   driver: string;
   /** Run identifier (UUID). */

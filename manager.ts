@@ -37,6 +37,7 @@ import { checkDriver, type Driver } from "./driver.ts";
 import { ConnectError, ConsumerError, ShutdownError } from "./errors.ts";
 import { ensureLogging } from "./logger.ts";
 import { type ResolvedOptions, resolveOptions, type ServeOptions } from "./options.ts";
+import { PubAcks } from "./pubacks.ts";
 import {
   ABORT_GRACE_MS,
   type DriverStats,
@@ -312,7 +313,7 @@ class Runtime {
       reconcileTimeout: o.reconcileTimeout,
       settleTimeout: o.settleTimeout,
       nc: init.nc,
-      js: init.js,
+      pubacks: new PubAcks(init.nc, { inboxPrefix: o.nats.inboxPrefix }),
       log: init.log,
       client: init.client,
       stats: {
@@ -561,6 +562,7 @@ class Runtime {
     await Promise.race([this.#loop.catch(() => {}), pause(100)]);
     clearInterval(this.#heartbeat);
     clearInterval(this.#check);
+    this.#deps.pubacks.close();
     const drained = nc.drain().then(() => true, () => false);
     if (!await Promise.race([drained, pause(DRAIN_MS).then(() => false)])) {
       await nc.close().catch(() => {});

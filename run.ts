@@ -8,7 +8,7 @@
  */
 import type { Logger } from "@logtape/logtape";
 import type { NatsConnection } from "@nats-io/transport-node";
-import type { JetStreamClient, JsMsg } from "@nats-io/jetstream";
+import type { JsMsg } from "@nats-io/jetstream";
 import * as v from "valibot";
 import { backoff, errorText, isRecord, pause, setLongTimeout } from "./_util.ts";
 import type { Client } from "./client.ts";
@@ -31,6 +31,7 @@ import {
   ShutdownError,
 } from "./errors.ts";
 import { createRunLog, type RunLog } from "./logger.ts";
+import type { PubAcks } from "./pubacks.ts";
 import {
   type DriverMessage,
   type DriverResult,
@@ -89,7 +90,8 @@ export interface EventDeps {
   /** How long storing an event's logs and result is retried, in ms. */
   settleTimeout: number;
   nc: NatsConnection;
-  js: JetStreamClient;
+  /** Publishes that wait for the server's acknowledgement (logs, results, acks). */
+  pubacks: PubAcks;
   /** The runtime's own LogTape logger. */
   log: Logger;
   client?: Client;
@@ -125,7 +127,7 @@ export interface EventDeps {
 
 /**
  * Events whose result this instance stored and whose acknowledgement the
- * server has not confirmed yet, by the result's `Nats-Msg-Id`. Should the
+ * server has not confirmed yet, by stream sequence and result `Nats-Msg-Id`. Should the
  * ack be lost (a node of the cluster dies), the redelivery is acknowledged
  * again rather than reconciled and reported twice: a restarted stream leader
  * may no longer know the id to drop a second result. Bounded in entries and
@@ -235,7 +237,7 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
   }
   const { message: msg, resourceJson } = decoded;
   const msgId = resultMsgId(deps.driver.name, msg.run_id, msg.id);
-  if (deps.memory.has(msgId)) {
+  if (deps.memory.has(memoryKey(seq, msgId))) {
     // Its result is stored; the ack was lost. Acknowledge, do not rerun.
     deps.log.info("run {runId}: its result is already stored; acknowledging again", {
       runId: msg.run_id,
@@ -306,7 +308,7 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
   try {
     const run = createRunLog({
       nc: deps.nc,
-      js: deps.js,
+      js: deps.pubacks,
       driver: deps.driver.name,
       runId: msg.run_id,
       pipeline: msg.payload.pipeline || undefined,
@@ -587,6 +589,17 @@ async function carryOut(
 }
 
 /**
+ * What the result memory is keyed by: a redelivery of the same stream
+ * message (its ack lost) with the same result id. Another message carrying
+ * the same event (published twice) is reconciled again, its result then
+ * dropped by the duplicate window; and a recreated stream that reuses
+ * sequences does not match.
+ */
+function memoryKey(seq: number, msgId: string): string {
+  return `${seq} ${msgId}`;
+}
+
+/**
  * Acknowledges (or terminates) an event whose result is stored, and has the
  * server confirm it, as `JsMsg.ackAck()` does: a replicated consumer replies
  * only once the ack is committed through raft, so no reply means the ack may
@@ -610,13 +623,14 @@ function settleConfirmed(
     else m.term(payload.slice("+TERM ".length));
     return;
   }
-  deps.memory.add(msgId);
+  const key = memoryKey(m.info.streamSequence, msgId);
+  deps.memory.add(key);
   const until = Date.now() + deps.fleet().ackWaitMs;
   const confirming = (async () => {
     for (let i = 0;; i++) {
       try {
-        await deps.nc.request(reply, payload, { timeout: CONFIRM_TIMEOUT_MS });
-        deps.memory.delete(msgId);
+        await deps.pubacks.publish(reply, payload, { timeout: CONFIRM_TIMEOUT_MS });
+        deps.memory.delete(key);
         return;
       } catch { /* no reply: lost, or not committed yet */ }
       if (deps.nc.isClosed() || Date.now() > until || deps.settleDeadline.aborted) return;
@@ -641,7 +655,7 @@ async function publishResult(
   let last: unknown;
   for (let i = 0;; i++) {
     try {
-      await deps.js.publish(RESULT_SUBJECT, body, { msgID, timeout: PUBLISH_TIMEOUT_MS });
+      await deps.pubacks.publish(RESULT_SUBJECT, body, { msgID, timeout: PUBLISH_TIMEOUT_MS });
       return;
     } catch (err) {
       last = err;
