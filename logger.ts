@@ -75,6 +75,11 @@ export interface JsPublisher {
     data: Uint8Array,
     opts: { msgID: string; headers: MsgHdrs },
   ): Promise<unknown>;
+  /**
+   * Publishes a core NATS message without waiting (the live copy), in order
+   * with `publish`; `nc.publish` is used when absent.
+   */
+  send?(subject: string, data: Uint8Array, headers: MsgHdrs): void;
 }
 
 /** What the runtime needs to publish a run's logs. */
@@ -271,10 +276,13 @@ export function createRunLog(opts: RunLogOptions): RunLog {
       dropped++;
       return;
     }
-    try {
-      nc.publish(liveSubject, data, { headers: h });
-    } catch {
-      // Live streaming is best effort; the JetStream copy below is the record.
+    if (js.send) js.send(liveSubject, data, h);
+    else {
+      try {
+        nc.publish(liveSubject, data, { headers: h });
+      } catch {
+        // Live streaming is best effort; the JetStream copy below is the record.
+      }
     }
     buffered += data.length;
     send({ data, msgID: `${nonce}.${++seq}`, headers: h, done: Promise.resolve() });

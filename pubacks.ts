@@ -12,6 +12,7 @@
  *
  * @module
  */
+import { setImmediate } from "node:timers";
 import {
   createInbox,
   headers as natsHeaders,
@@ -64,6 +65,8 @@ export class PubAcks {
   readonly #pending = new Map<string, Pending>();
   #next = 0;
   #sweep?: ReturnType<typeof setInterval>;
+  /** Publishes of this turn of the event loop, sent together (one socket write). */
+  #batch: (() => void)[] = [];
 
   /**
    * Subscribes to a fresh inbox on `nc` (under `inboxPrefix`, as the
@@ -115,20 +118,48 @@ export class PubAcks {
       headers.set("Nats-Msg-Id", opts.msgID);
     }
     return new Promise<void>((resolve, reject) => {
-      this.#pending.set(token, {
-        resolve,
-        reject,
-        until: Date.now() + (opts.timeout ?? this.#timeout),
+      const entry = { resolve, reject, until: Date.now() + (opts.timeout ?? this.#timeout) };
+      this.#pending.set(token, entry);
+      this.#enqueue(() => {
+        try {
+          this.#nc.publish(subject, data, { reply: this.#prefix + token, headers });
+        } catch (err) {
+          this.#pending.delete(token);
+          reject(err);
+        }
       });
-      try {
-        this.#nc.publish(subject, data, { reply: this.#prefix + token, headers });
-      } catch (err) {
-        this.#pending.delete(token);
-        reject(err);
-        return;
-      }
       this.#sweep ??= setInterval(() => this.#expire(), 250);
     });
+  }
+
+  /**
+   * Publishes without waiting for an answer (a core NATS message), in the
+   * same batch as the acknowledged ones, so the order of the two is kept.
+   */
+  send(subject: string, data: Uint8Array | string, headers?: MsgHdrs): void {
+    this.#enqueue(() => {
+      try {
+        this.#nc.publish(subject, data, { headers });
+      } catch {
+        // Best effort by definition (live log streaming).
+      }
+    });
+  }
+
+  /**
+   * nats.js writes to the socket once the microtasks queued before its
+   * flush have run; the runtime's publishes come from many such turns (one
+   * write and a half per event). Sent from one callback, they go out in one
+   * write: a quarter of the driver's CPU was socket writes.
+   */
+  #enqueue(send: () => void): void {
+    if (this.#batch.push(send) === 1) {
+      setImmediate(() => {
+        const batch = this.#batch;
+        this.#batch = [];
+        for (const f of batch) f();
+      });
+    }
   }
 
   /** Rejects what got no answer in time; stops the timer when nothing waits. */
@@ -150,8 +181,11 @@ export class PubAcks {
     return this.#pending.size;
   }
 
-  /** Rejects everything pending and unsubscribes. */
+  /** Rejects everything pending and unsubscribes (publishes still queued are sent first). */
   close(): void {
+    const batch = this.#batch;
+    this.#batch = [];
+    for (const f of batch) f();
     clearInterval(this.#sweep);
     this.#sweep = undefined;
     for (const p of this.#pending.values()) {
