@@ -104,6 +104,12 @@ export interface RunLogOptions {
    * signal. @default 5
    */
   attempts?: number;
+  /**
+   * How long `js.publish` itself waits for an acknowledgement, in ms: a
+   * `flush` deadline further away than this needs no timer of its own.
+   * @default 5_000
+   */
+  publishTimeout?: number;
   /** Largest message the server takes, in bytes. @default the server's `max_payload` */
   maxPayload?: number;
   /**
@@ -222,6 +228,7 @@ export function truncateForJson(text: string, maxBytes: number): string {
 export function createRunLog(opts: RunLogOptions): RunLog {
   const { nc, js, driver, runId, pipeline } = opts;
   const attempts = opts.attempts ?? 5;
+  const publishTimeout = opts.publishTimeout ?? 5_000;
   const maxPayload = opts.maxPayload ?? nc.info?.max_payload ?? DEFAULT_MAX_PAYLOAD;
   const maxBuffered = opts.maxBuffered ?? 64 * 1024 * 1024;
   const mirror = driverCategory(driver);
@@ -321,7 +328,10 @@ export function createRunLog(opts: RunLogOptions): RunLog {
     const { signal, deadline = Infinity } = options;
     for (let round = 0;; round++) {
       if (inflight.size > 0) {
-        await untilAborted(Promise.all([...inflight].map((l) => l.done)), signal, deadline);
+        // The publishes end by themselves within publishTimeout: a deadline
+        // beyond that needs no timer (one per event otherwise).
+        const near = deadline < Date.now() + publishTimeout ? deadline : Infinity;
+        await untilAborted(Promise.all([...inflight].map((l) => l.done)), signal, near);
       }
       if (failed.length === 0 && inflight.size === 0) return;
       const last = failed[failed.length - 1]?.failed;
