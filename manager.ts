@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { setMaxListeners } from "node:events";
 import process from "node:process";
 import { getLogger, type Logger } from "@logtape/logtape";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
@@ -35,6 +36,7 @@ import {
 } from "./consumer.ts";
 import { checkDriver, type Driver } from "./driver.ts";
 import { ConnectError, ConsumerError, ShutdownError } from "./errors.ts";
+import { Flow } from "./flow.ts";
 import { ensureLogging } from "./logger.ts";
 import { type ResolvedOptions, resolveOptions, type ServeOptions } from "./options.ts";
 import { PubAcks } from "./pubacks.ts";
@@ -236,33 +238,6 @@ const HAND_BACK_MS = 500;
 /** How long draining the connection may take at the end of a shutdown. */
 const DRAIN_MS = 1_000;
 
-/** Counting semaphore: how many reconciles may run. */
-class Slots {
-  #free: number;
-  #waiters: (() => void)[] = [];
-  constructor(n: number) {
-    this.#free = n;
-  }
-  get free(): number {
-    return this.#free;
-  }
-  take(): void {
-    this.#free--;
-  }
-  release(): void {
-    this.#free++;
-    this.wake();
-  }
-  /** Resolves when at least one slot is free (or at once when one is). */
-  available(): Promise<void> {
-    return this.#free > 0 ? Promise.resolve() : new Promise((r) => this.#waiters.push(r));
-  }
-  /** Wakes every waiter, e.g. to notice a shutdown. */
-  wake(): void {
-    this.#waiters.splice(0).forEach((w) => w());
-  }
-}
-
 interface RuntimeInit {
   driver: Driver;
   o: ResolvedOptions;
@@ -278,7 +253,9 @@ interface RuntimeInit {
 class Runtime {
   readonly #init: RuntimeInit;
   readonly #deps: EventDeps;
-  readonly #slots: Slots;
+  readonly #flow: Flow;
+  /** Pulled events waiting for a slot, oldest first. */
+  #queue: JsMsg[] = [];
   #consumer: Consumer;
   #fleet!: Fleet;
   /** Deliveries not yet settled. */
@@ -306,7 +283,7 @@ class Runtime {
     this.#init = init;
     this.#consumer = init.consumer;
     const { driver, o } = init;
-    this.#slots = new Slots(o.concurrency);
+    this.#flow = new Flow(o.concurrency);
     this.#deps = {
       driver,
       policy: o,
@@ -338,9 +315,17 @@ class Runtime {
       memory: new ResultMemory(10_000, 90_000),
       shutdown: this.#shutdownAc.signal,
       force: this.#forceAc.signal,
+      interrupts: new Set(),
       settleDeadline: this.#settleAc.signal,
     };
     this.#closed = new Promise((r) => (this.#resolveClosed = r));
+    const interrupt = (force: boolean) => () => {
+      for (const i of [...this.#deps.interrupts]) i(force);
+    };
+    this.#shutdownAc.signal.addEventListener("abort", interrupt(false), { once: true });
+    this.#forceAc.signal.addEventListener("abort", interrupt(true), { once: true });
+    // Every event's flush may wait on this one: no "possible leak" warning.
+    setMaxListeners(0, this.#settleAc.signal);
   }
 
   get #log(): Logger {
@@ -472,13 +457,16 @@ class Runtime {
   async #pullLoop(): Promise<void> {
     let failures = 0;
     while (!this.#stopping) {
-      await this.#slots.available();
-      if (this.#stopping) break;
+      const wanted = this.#flow.wanted();
+      if (wanted === 0) {
+        await this.#flow.changed();
+        continue;
+      }
       try {
-        // Ask for no more than the free slots: nothing waits in a buffer
-        // while its ack_wait runs out, and one slow job blocks no other.
+        // As many as the free slots, plus a queue while reconciles are short
+        // (flow.ts): a slow job holds back no other, none waits unseen.
         const iter = await this.#consumer.fetch({
-          max_messages: this.#slots.free,
+          max_messages: wanted,
           // nats.js gives up on a pull the server lost (its node killed, the
           // consumer leader moved) after two idle heartbeats of expires/2,
           // and after a reconnect waits about `expires` before pulling again:
@@ -494,7 +482,11 @@ class Runtime {
             m.nak();
             continue;
           }
-          this.#dispatch(m);
+          this.#queue.push(m);
+          // Kept alive from now on: a queued event may wait for a slot.
+          this.#deps.working.add(m);
+          this.#flow.pulled();
+          this.#pump();
         }
       } catch (err) {
         if (this.#stopping) break;
@@ -513,16 +505,50 @@ class Runtime {
     }
   }
 
-  #dispatch(m: JsMsg): void {
-    this.#slots.take();
-    const settled = handleDelivery(m, this.#deps);
+  /** Starts queued events while slots are free and settling is below its bound. */
+  #pump(): void {
+    while (!this.#stopping && this.#flow.canStart()) {
+      this.#flow.started();
+      this.#start(this.#queue.shift()!);
+    }
+  }
+
+  /**
+   * Runs one event. Its slot is freed when its reconcile's code has really
+   * returned (hung code keeps it), not when its logs and result are stored:
+   * the next reconcile runs while this one settles.
+   */
+  #start(m: JsMsg): void {
+    const began = performance.now();
+    let reconciled = false;
+    const settled = handleDelivery(m, this.#deps, (userDone) => {
+      reconciled = true;
+      this.#flow.reconciled(performance.now() - began);
+      this.#userCode.add(userDone);
+      void userDone.finally(() => {
+        this.#userCode.delete(userDone);
+        this.#flow.returned();
+        this.#pump();
+      });
+    });
     this.#pending.add(settled);
-    settled.then(({ userDone }) => {
+    void settled.finally(() => {
       this.#pending.delete(settled);
-      // The slot is free only when the driver's code has really returned.
-      if (!this.#userCode.has(userDone)) this.#userCode.add(userDone);
-      return userDone.finally(() => this.#userCode.delete(userDone));
-    }).finally(() => this.#slots.release());
+      this.#deps.working.delete(m);
+      this.#flow.settled(reconciled);
+      this.#pump();
+    });
+  }
+
+  /** Hands back the events still queued: a shutdown does not start them. */
+  #dropQueue(): void {
+    for (const m of this.#queue.splice(0)) {
+      this.#deps.working.delete(m);
+      this.#flow.dropped();
+      try {
+        m.nak();
+      } catch { /* connection gone: ack_wait redelivers it */ }
+    }
   }
 
   stop(): Promise<void> {
@@ -541,8 +567,9 @@ class Runtime {
     const { o, driver, nc } = this.#init;
     const force = this.#forceAc.signal;
     this.#stopping = true;
-    this.#slots.wake();
+    this.#flow.wake();
     this.#fetch?.stop();
+    this.#dropQueue();
     if (this.#pending.size > 0) {
       this.#log.info("waiting up to {timeout} ms for {count} in-flight event(s)", {
         timeout: o.shutdownTimeout,

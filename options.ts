@@ -33,8 +33,11 @@ export interface ServeOptions {
    */
   servers?: string | string[];
   /**
-   * Reconciles running at once in this instance; the runtime pulls no more
-   * messages than it has free slots. Env `CONVEYOR_CONCURRENCY`.
+   * Reconciles running at once in this instance. The runtime pulls as many
+   * messages as it has free slots, and up to as many again ahead while its
+   * reconciles are short (under 100 ms on average); a slot is free again
+   * when the reconcile returns, its logs and result stored meanwhile.
+   * Env `CONVEYOR_CONCURRENCY`.
    * @default 16
    */
   concurrency?: number;

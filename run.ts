@@ -121,6 +121,11 @@ export interface EventDeps {
   shutdown: AbortSignal;
   /** Aborted when a second signal asks to stop at once: no grace. */
   force: AbortSignal;
+  /**
+   * Running reconciles to tell when `shutdown` (false) or `force` (true)
+   * aborts: one listener per runtime rather than two per event.
+   */
+  interrupts: Set<(force: boolean) => void>;
   /** Aborted when settling must end: what is not settled is handed back. */
   settleDeadline: AbortSignal;
 }
@@ -190,13 +195,19 @@ const NOTHING_RAN: Handled = { userDone: Promise.resolve() };
 
 /**
  * Handles one delivery until it is settled (acknowledged, terminated or
- * handed back). Never rejects: an unexpected error hands the event back
+ * handed back). `onReconciled` is called once the reconcile's outcome is
+ * known, before its logs and result are stored (not at all for an event that
+ * is not reconciled). Never rejects: an unexpected error hands the event back
  * (counted against its attempts) or, on its last attempt, terminates it.
  */
-export async function handleDelivery(m: JsMsg, deps: EventDeps): Promise<Handled> {
+export async function handleDelivery(
+  m: JsMsg,
+  deps: EventDeps,
+  onReconciled?: (userDone: Promise<void>) => void,
+): Promise<Handled> {
   deps.stats.received++;
   try {
-    return await handle(m, deps);
+    return await handle(m, deps, onReconciled);
   } catch (err) {
     // A runtime bug or a lost connection: hand the event back rather than
     // drop it; its delivery count keeps this from looping for ever.
@@ -216,7 +227,11 @@ export async function handleDelivery(m: JsMsg, deps: EventDeps): Promise<Handled
   }
 }
 
-async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
+async function handle(
+  m: JsMsg,
+  deps: EventDeps,
+  onReconciled: ((userDone: Promise<void>) => void) | undefined,
+): Promise<Handled> {
   const seq = m.info.streamSequence;
   const attempt = m.info.deliveryCount;
   if (deps.inProgress.has(seq)) {
@@ -321,6 +336,7 @@ async function handle(m: JsMsg, deps: EventDeps): Promise<Handled> {
     });
     const { outcome, userDone } = reconcile(m, msg, run, deps);
     const ended = await outcome;
+    onReconciled?.(userDone);
     run.seal();
     const decision = decide(ended, attempt, deps.policy);
     await carryOut(m, msg, resourceJson, msgId, decision, run, deps);
@@ -429,9 +445,9 @@ function reconcile(
     giveUp(new ShutdownError());
     settle({ kind: "abandoned" });
   };
+  const interrupt = (force: boolean) => force ? onForce() : onShutdown();
   if (deps.shutdown.aborted) queueMicrotask(onShutdown);
-  deps.shutdown.addEventListener("abort", onShutdown, { once: true });
-  deps.force.addEventListener("abort", onForce, { once: true });
+  deps.interrupts.add(interrupt);
   const limit = deps.reconcileTimeout;
   const timer = limit > 0 && limit !== Infinity
     ? setLongTimeout(() => giveUp(new ReconcileTimeoutError(limit)), limit)
@@ -479,8 +495,7 @@ function reconcile(
   outcome.then(() => {
     timer?.clear();
     grace?.clear();
-    deps.shutdown.removeEventListener("abort", onShutdown);
-    deps.force.removeEventListener("abort", onForce);
+    deps.interrupts.delete(interrupt);
     if (finished) return;
     // Still running after the runtime gave up on it: it keeps its slot.
     hung = true;

@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { configure, type LogRecord, reset } from "@logtape/logtape";
 import { type Driver, startDriver } from "./mod.ts";
+import { MIN_SETTLING } from "./flow.ts";
 import { publishEvent, readStream } from "./testing.ts";
 import {
   consumerState,
@@ -13,6 +14,7 @@ import {
   drained,
   type Env,
   envelope,
+  publishMany,
   quiet,
   results,
   sleep,
@@ -359,5 +361,75 @@ describe("storing logs and results", () => {
     assert.ok(last >= 2);
     const logs = await readStream(env.nc, "logs-engine");
     assert.ok(logs.some((m) => (m.json as { message: string }).message === `attempt ${last}`));
+  });
+});
+
+describe("flow: pulling ahead and settling beside the next reconcile", () => {
+  it("pulls one event ahead only after short reconciles, and keeps it alive past ack_wait behind a long one", async () => {
+    await using env = await conveyorEnv();
+    const attempts: number[] = [];
+    let slowRunning = false;
+    await using _d = await startDriver({
+      name: "ahead",
+      resources: ["pipeline"],
+      async reconcile({ resource, attempt }) {
+        attempts.push(attempt);
+        if (resource.name === "slow") {
+          slowRunning = true;
+          await sleep(3_300);
+          slowRunning = false;
+        }
+        return { success: true, message: "ok" };
+      },
+    }, { servers: env.url, ...quiet, concurrency: 1, ackWait: 1_000 });
+    for (let i = 0; i < 20; i++) {
+      await publishEvent(env.nc, { resource: "pipeline", name: `f${i}` });
+    }
+    await waitForResults(env, 20);
+    await publishEvent(env.nc, { resource: "pipeline", name: "slow" });
+    for (let i = 0; i < 3; i++) await publishEvent(env.nc, { resource: "pipeline", name: `g${i}` });
+    await waitFor(() => slowRunning, "the slow reconcile running");
+    await sleep(300);
+    const during = await consumerState(env.nc, "ahead");
+    assert.equal(during.ackPending, 2, "the slow event and one queued behind it");
+    assert.equal(during.pending, 2, "the rest wait in the stream");
+    // The queued event waits 3.3 s, three times ack_wait: +WPI keeps it here.
+    await waitForResults(env, 24);
+    await drained(env, "ahead");
+    const after = await consumerState(env.nc, "ahead");
+    assert.equal(after.redelivered, 0);
+    assert.equal(after.delivered, 24);
+    assert.equal(attempts.length, 24);
+    assert.ok(attempts.every((a) => a === 1));
+  });
+
+  it("stops starting reconciles while too many events wait to store their logs, and loses none", async () => {
+    await using env = await conveyorEnv();
+    const jsm = await jetstreamManager(env.nc);
+    const logsConfig = (await jsm.streams.info("logs-engine")).config;
+    await jsm.streams.delete("logs-engine");
+    const swallow = env.nc.subscribe("logs.>", { callback: () => {} });
+    await env.nc.flush();
+    let reconciles = 0;
+    await using d = await startDriver({
+      name: "backpressure",
+      resources: ["pipeline"],
+      reconcile({ logger }) {
+        reconciles++;
+        logger.info("line");
+        return { success: true, message: "ok" };
+      },
+    }, { servers: env.url, ...quiet, concurrency: 1, settleTimeout: 60_000, maxAttempts: 10 });
+    await publishMany(env.nc, 100, "r");
+    await waitFor(() => reconciles >= MIN_SETTLING, "reconciles started");
+    await sleep(1_000);
+    // Concurrency 1 and at most max(2 * concurrency, 64) events settling: 1 + 64.
+    assert.ok(reconciles <= MIN_SETTLING + 1, `${reconciles} reconciles while nothing is stored`);
+    assert.equal(d.stats().requeued, 0);
+    swallow.unsubscribe();
+    await jsm.streams.add(logsConfig);
+    const stored = await waitForResults(env, 100);
+    assert.equal(new Set(stored.map((m) => envelope(m).resource.name)).size, 100);
+    await drained(env, "backpressure");
   });
 });
