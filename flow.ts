@@ -11,19 +11,21 @@
  * before it. Settling is bounded too, so a NATS that stores slowly stops new
  * reconciles rather than piling results up in memory.
  *
- * Pulling ahead (up to `concurrency` more events than slots, the queue) saves
- * a pull round trip per refill, but an event in the queue waits behind the
- * running ones while another instance might be idle. So the queue is used
- * only while reconciles are short (their moving average under
- * {@link PREFETCH_BELOW_MS}); CI jobs of minutes get exactly as many events as
- * they have free slots. Queued events are kept alive with `+WPI` like running
+ * Pulling ahead (the queue) saves a pull round trip per refill and batches
+ * pulls, but an event in the queue waits behind the running ones while
+ * another instance might be idle. So the queue holds only what the slots get
+ * through in about {@link PREFETCH_MS} at the pace of recent reconciles (a
+ * moving average), at most `max(concurrency, 16)`: CI jobs of minutes get
+ * exactly as many events as they have free slots. Queued events are kept alive with `+WPI` like running
  * ones, so none waits past its `ack_wait`.
  *
  * @module
  */
 
-/** Reconciles shorter than this on average (ms) let an instance pull ahead. */
-export const PREFETCH_BELOW_MS = 100;
+/** How long (ms) the queue of events pulled ahead should take the slots to get through. */
+export const PREFETCH_MS = 100;
+/** The queue's bound is `max(concurrency, this)`. */
+export const MIN_PREFETCH_CAP = 16;
 /** Least number of events that may be settling at once. */
 export const MIN_SETTLING = 64;
 /** Weight of the newest reconcile in the moving average of their durations. */
@@ -51,9 +53,16 @@ export class Flow {
     this.maxSettling = Math.max(2 * concurrency, MIN_SETTLING);
   }
 
-  /** How many events may wait in the queue now: `concurrency` while reconciles are short, else 0. */
+  /**
+   * How many events may wait in the queue now: as many as the slots finish
+   * in about {@link PREFETCH_MS} at the average reconcile's pace, at most
+   * `max(concurrency, 16)`; none before a reconcile has finished.
+   */
   get prefetch(): number {
-    return this.averageMs < PREFETCH_BELOW_MS ? this.concurrency : 0;
+    if (!(this.averageMs >= 0)) return 0;
+    const cap = Math.max(this.concurrency, MIN_PREFETCH_CAP);
+    if (this.averageMs === 0) return cap;
+    return Math.min(cap, Math.floor(this.concurrency * PREFETCH_MS / this.averageMs));
   }
 
   /**

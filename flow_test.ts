@@ -3,7 +3,7 @@
 // what happens.
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { Flow, MIN_SETTLING, PREFETCH_BELOW_MS } from "./flow.ts";
+import { Flow, MIN_PREFETCH_CAP, MIN_SETTLING, PREFETCH_MS } from "./flow.ts";
 
 /** Pulls what the flow wants and starts what it may; returns how many started. */
 function fill(f: Flow): number {
@@ -25,20 +25,20 @@ describe("flow", () => {
     assert.equal(f.wanted(), 0, "every slot busy, nothing queued");
   });
 
-  it("queues up to `concurrency` more while the average reconcile is short, none once it is long", () => {
+  it("queues what the slots get through in about 100 ms, at most max(concurrency, 16)", () => {
     const f = new Flow(4);
     fill(f);
     f.reconciled(1);
     f.returned();
-    assert.equal(f.prefetch, 4);
-    // One slot free and the window 8: pulls 5 (one to run, four to queue).
-    assert.equal(f.wanted(), 5);
+    assert.equal(f.prefetch, MIN_PREFETCH_CAP);
+    // One slot free and the window 4 + 16: pulls 17 (one to run, sixteen to queue).
+    assert.equal(f.wanted(), 17);
     fill(f);
-    assert.equal(f.queued, 4);
+    assert.equal(f.queued, 16);
     assert.equal(f.running, 4);
     // Long reconciles pull the average above the limit: the queue is not refilled.
     for (let i = 0; i < 30; i++) {
-      f.reconciled(PREFETCH_BELOW_MS * 100);
+      f.reconciled(PREFETCH_MS * 100);
       f.returned();
       f.settled(true);
       fill(f);
@@ -47,6 +47,21 @@ describe("flow", () => {
     assert.equal(f.queued, 0);
     assert.equal(f.running, 4);
     assert.equal(f.wanted(), 0);
+  });
+
+  it("sizes the queue by the pace of recent reconciles", () => {
+    const at = (concurrency: number, averageMs: number) => {
+      const f = new Flow(concurrency);
+      f.averageMs = averageMs;
+      return f.prefetch;
+    };
+    assert.equal(at(1, 5), 16, "capped");
+    assert.equal(at(1, 50), 2);
+    assert.equal(at(1, 150), 0);
+    assert.equal(at(16, 1_000), 1);
+    assert.equal(at(64, 0.1), 64, "capped at concurrency when it is above 16");
+    assert.equal(at(16, 120_000), 0, "jobs of minutes: none ahead");
+    assert.equal(at(16, Number.NaN), 0, "none before a reconcile has finished");
   });
 
   it("refills a non-empty queue in batches of a quarter of the window", () => {
@@ -89,7 +104,7 @@ describe("flow", () => {
   it("keeps a hung reconcile's slot: it is freed by returned(), not by settling", () => {
     const f = new Flow(2);
     fill(f);
-    f.reconciled(PREFETCH_BELOW_MS * 10);
+    f.reconciled(PREFETCH_MS * 10);
     f.settled(true);
     assert.equal(f.running, 2, "settled but the code has not returned");
     assert.equal(f.wanted(), 0);

@@ -34,9 +34,9 @@ export interface ServeOptions {
   servers?: string | string[];
   /**
    * Reconciles running at once in this instance. The runtime pulls as many
-   * messages as it has free slots, and up to as many again ahead while its
-   * reconciles are short (under 100 ms on average); a slot is free again
-   * when the reconcile returns, its logs and result stored meanwhile.
+   * messages as it has free slots, and ahead of them only what the slots get
+   * through in about 100 ms at the pace of recent reconciles; a slot is free
+   * again when the reconcile returns, its logs and result stored meanwhile.
    * Env `CONVEYOR_CONCURRENCY`.
    * @default 16
    */
