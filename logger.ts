@@ -165,6 +165,10 @@ interface Line {
 }
 
 const encoder = new TextEncoder();
+/** Tells this process's log line ids from every other's. */
+const PROCESS_NONCE = crypto.randomUUID();
+/** Run logs created in this process: with {@link PROCESS_NONCE}, a unique id each. */
+let runLogs = 0;
 
 /** The LogTape logger a driver's lines are mirrored to. */
 export function driverCategory(driver: string): Logger {
@@ -235,8 +239,9 @@ export function createRunLog(opts: RunLogOptions): RunLog {
   const jsSubject = `logs.${runId}`;
   const liveSubject = `live.logs.${runId}.${driver}`;
   // Unique per run log, so retries of a line dedupe and lines of
-  // different attempts of the same run do not.
-  const nonce = crypto.randomUUID();
+  // different attempts of the same run do not: a random id per process and
+  // a count (one UUID per run cost more than the rest of createRunLog).
+  const nonce = `${PROCESS_NONCE}.${++runLogs}`;
   const inflight = new Set<Line>();
   const failed: Line[] = [];
   let buffered = 0;

@@ -287,8 +287,22 @@ export interface SlowCase {
   runtime_eps: number;
   /** `runtime_eps / ideal_eps`. */
   ratio: number;
+  /**
+   * How long the sleep of `sleep_ms` really takes in this runtime, idle
+   * (mean of 100 in a row): Deno's timers fire about a millisecond late.
+   */
+  timer_ms: number;
+  /** `runtime_eps / min(concurrency / timer_ms, noop_eps)`: the ratio against what the timers allow. */
+  timer_ratio: number;
   /** Every timed run (no-op runs too when measured here). */
   runs: ThroughputRun[];
+}
+
+/** Mean duration of `n` sleeps of `ms` in a row, in ms. */
+async function timerMs(ms: number, n = 100): Promise<number> {
+  const t0 = performance.now();
+  for (let i = 0; i < n; i++) await new Promise((r) => setTimeout(r, ms));
+  return (performance.now() - t0) / n;
 }
 
 /** The slow-work figure. */
@@ -307,6 +321,7 @@ export async function slowWork(
   noopEps: ReadonlyMap<number, number>,
 ): Promise<SlowFigure> {
   const cases: SlowCase[] = [];
+  const timer = await timerMs(o.sleepMs);
   for (const c of o.concurrencies) {
     const runs: ThroughputRun[] = [];
     let noop = noopEps.get(c);
@@ -351,6 +366,8 @@ export async function slowWork(
       ideal_eps: round(ideal),
       runtime_eps: round(eps),
       ratio: round(eps / ideal, 4),
+      timer_ms: round(timer, 3),
+      timer_ratio: round(eps / Math.min((c * 1000) / timer, noop), 4),
       runs: [...runs, ...slow],
     });
   }

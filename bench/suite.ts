@@ -442,7 +442,7 @@ export function formatTable(report: SuiteReport): string {
       "slow work",
       `c=${c.concurrency}`,
       `${n0(c.runtime_eps)} ev/s`,
-      `ideal ${n0(c.ideal_eps)} ev/s`,
+      `ideal ${n0(c.ideal_eps)} ev/s (timers ${c.timer_ratio.toFixed(3)})`,
       c.ratio.toFixed(3),
       ...met("slow_work", `c=${c.concurrency}`),
     ]);
@@ -550,7 +550,15 @@ export function validateReport(value: unknown): string[] {
   if (wanted.includes("slow_work")) {
     need(f.slow_work?.cases.length === r.config?.concurrencies.length, "slow_work.cases");
     for (const c of f.slow_work?.cases ?? []) {
-      nums(`slow_work c=${c.concurrency}`, c.ratio, c.runtime_eps, c.ideal_eps, c.noop_eps);
+      nums(
+        `slow_work c=${c.concurrency}`,
+        c.ratio,
+        c.runtime_eps,
+        c.ideal_eps,
+        c.noop_eps,
+        c.timer_ms,
+        c.timer_ratio,
+      );
       need(c.runs.length >= 1, `slow_work c=${c.concurrency} runs`);
     }
   }
