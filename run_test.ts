@@ -5,7 +5,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { configure, type LogRecord, reset } from "@logtape/logtape";
-import { type Driver, startDriver } from "./mod.ts";
+import { type Driver, ReconcileTimeoutError, startDriver } from "./mod.ts";
 import { MIN_PREFETCH_CAP, MIN_SETTLING } from "./flow.ts";
 import { publishEvent, readStream } from "./testing.ts";
 import {
@@ -406,6 +406,61 @@ describe("flow: pulling ahead and settling beside the next reconcile", () => {
     assert.equal(after.delivered, 41);
     assert.equal(attempts.length, 41);
     assert.ok(attempts.every((a) => a === 1));
+  });
+
+  it("stops pulling ahead once reconciles turn long: no more delivered than its slots", async () => {
+    await using env = await conveyorEnv();
+    let running = 0;
+    let longDone = 0;
+    await using _d = await startDriver({
+      name: "turns-long",
+      resources: ["pipeline"],
+      async reconcile({ resource }) {
+        if (!resource.name.startsWith("long")) return;
+        running++;
+        await sleep(600);
+        running--;
+        longDone++;
+      },
+    }, { servers: env.url, ...quiet, concurrency: 2 });
+    for (let i = 0; i < 20; i++) {
+      await publishEvent(env.nc, { resource: "pipeline", name: `f${i}` });
+    }
+    await waitForResults(env, 20);
+    for (let i = 0; i < 30; i++) {
+      await publishEvent(env.nc, { resource: "pipeline", name: `long${i}` });
+    }
+    // What was pulled while reconciles were short runs first; then the
+    // average of 600 ms leaves nothing to pull ahead at concurrency 2.
+    await waitFor(() => longDone >= 20, "20 long ones done", 20_000);
+    const delivered: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      delivered.push((await consumerState(env.nc, "turns-long")).ackPending);
+      await sleep(150);
+    }
+    // Two running, and at most two storing their results (a moment each):
+    // pulling ahead would show up to 16 more.
+    assert.ok(delivered.every((n) => n <= 4), `delivered: ${delivered.join(", ")}`);
+    assert.ok(running <= 2);
+    await waitForResults(env, 50);
+  });
+
+  it("gives a ctx.signal read only after the timeout already aborted, with the timeout as reason", async () => {
+    await using env = await conveyorEnv();
+    const seen: { aborted: boolean; reason: unknown }[] = [];
+    await using _d = await startDriver({
+      name: "late-signal",
+      resources: ["pipeline"],
+      async reconcile(ctx) {
+        await sleep(400);
+        seen.push({ aborted: ctx.signal.aborted, reason: ctx.signal.reason });
+      },
+    }, { servers: env.url, ...quiet, reconcileTimeout: 150, maxAttempts: 1 });
+    await publishEvent(env.nc, { resource: "pipeline", name: "web" });
+    await waitForResults(env, 1);
+    assert.equal(seen.length, 1);
+    assert.equal(seen[0].aborted, true);
+    assert.ok(seen[0].reason instanceof ReconcileTimeoutError);
   });
 
   it("stops starting reconciles while too many events wait to store their logs, and loses none", async () => {

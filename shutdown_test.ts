@@ -54,6 +54,43 @@ describe("graceful shutdown", () => {
     assert.deepEqual(started, ["a"]);
   });
 
+  it("hands back the events it pulled ahead, unstarted, for another instance to run", async () => {
+    await using env = await conveyorEnv();
+    const ran: { by: string; name: string; attempt: number }[] = [];
+    const driver = (by: string): Driver => ({
+      name: "ahead-stop",
+      resources: ["pipeline"],
+      async reconcile({ resource, attempt }) {
+        ran.push({ by, name: resource.name, attempt });
+        if (resource.name === "slow") await sleep(800);
+        return { success: true, message: "ok" };
+      },
+    });
+    const a = await startDriver(driver("a"), { servers: env.url, ...quiet, concurrency: 1 });
+    // Short reconciles first, so that A pulls ahead behind the slow one.
+    for (let i = 0; i < 20; i++) {
+      await publishEvent(env.nc, { resource: "pipeline", name: `f${i}` });
+    }
+    await waitFor(async () => (await results(env)).length === 20, "20 results");
+    await publishEvent(env.nc, { resource: "pipeline", name: "slow" });
+    for (let i = 0; i < 10; i++) {
+      await publishEvent(env.nc, { resource: "pipeline", name: `g${i}` });
+    }
+    await waitFor(() => ran.some((r) => r.name === "slow"), "the slow job running");
+    await sleep(200);
+    const queued = (await consumerState(env.nc, "ahead-stop")).ackPending - 1;
+    assert.ok(queued > 0, "A pulled events ahead");
+    await a.stop();
+    assert.deepEqual(ran.filter((r) => r.name.startsWith("g")), [], "none started by A");
+    await using _b = await startDriver(driver("b"), { servers: env.url, ...quiet });
+    await waitFor(async () => (await results(env)).length === 31, "31 results", 15_000);
+    const g = ran.filter((r) => r.name.startsWith("g"));
+    assert.equal(g.length, 10, "each run once");
+    assert.ok(g.every((r) => r.by === "b"));
+    const s = await consumerState(env.nc, "ahead-stop");
+    assert.equal(s.pending + s.ackPending, 0);
+  });
+
   it("after shutdownTimeout aborts ctx.signal and hands the event to another instance", async () => {
     await using env = await conveyorEnv();
     const reasons: unknown[] = [];
