@@ -184,19 +184,13 @@ export class ResultMemory {
   }
 }
 
-/** What {@link handleDelivery} leaves running: the driver's code, when it outlives the event. */
-export interface Handled {
-  /** Settles when the driver's reconcile (if it ran) has really returned. */
-  userDone: Promise<void>;
-}
-
 const decoder = new TextDecoder();
-const NOTHING_RAN: Handled = { userDone: Promise.resolve() };
 
 /**
  * Handles one delivery until it is settled (acknowledged, terminated or
  * handed back). `onReconciled` is called once the reconcile's outcome is
- * known, before its logs and result are stored (not at all for an event that
+ * known, before its logs and result are stored, with a promise that settles
+ * when the driver's code has really returned (not at all for an event that
  * is not reconciled). Never rejects: an unexpected error hands the event back
  * (counted against its attempts) or, on its last attempt, terminates it.
  */
@@ -204,10 +198,10 @@ export async function handleDelivery(
   m: JsMsg,
   deps: EventDeps,
   onReconciled?: (userDone: Promise<void>) => void,
-): Promise<Handled> {
+): Promise<void> {
   deps.stats.received++;
   try {
-    return await handle(m, deps, onReconciled);
+    await handle(m, deps, onReconciled);
   } catch (err) {
     // A runtime bug or a lost connection: hand the event back rather than
     // drop it; its delivery count keeps this from looping for ever.
@@ -223,7 +217,7 @@ export async function handleDelivery(
         m.term(`runtime error: ${errorText(err)}`.slice(0, 1_000));
       } else m.nak(backoff(attempt, deps.policy));
     } catch { /* connection gone: ack_wait redelivers it */ }
-    return NOTHING_RAN;
+    return;
   }
 }
 
@@ -231,7 +225,7 @@ async function handle(
   m: JsMsg,
   deps: EventDeps,
   onReconciled: ((userDone: Promise<void>) => void) | undefined,
-): Promise<Handled> {
+): Promise<void> {
   const seq = m.info.streamSequence;
   const attempt = m.info.deliveryCount;
   if (deps.inProgress.has(seq)) {
@@ -242,13 +236,13 @@ async function handle(
     deps.log.info("event at stream sequence {seq} delivered again while in progress here", {
       seq,
     });
-    return NOTHING_RAN;
+    return;
   }
 
   const decoded = decode(m);
   if (!decoded.ok) {
     await reject(m, decoded.error, decoded.raw, deps);
-    return NOTHING_RAN;
+    return;
   }
   const { message: msg, resourceJson } = decoded;
   const msgId = resultMsgId(deps.driver.name, msg.run_id, msg.id);
@@ -258,7 +252,7 @@ async function handle(
       runId: msg.run_id,
     });
     settleConfirmed(m, "+ACK", msgId, deps);
-    return NOTHING_RAN;
+    return;
   }
   const type = typeOf(m.subject, msg.payload);
   let handler = eventHandler(msg.event, deps.events, deps.fleet());
@@ -284,7 +278,7 @@ async function handle(
         reason: admission.reason,
       });
       m.ack();
-      return NOTHING_RAN;
+      return;
     case "handBack":
       deps.stats.requeued++;
       deps.log.info("run {runId}: handed back for {delay} ms: {reason}", {
@@ -293,7 +287,7 @@ async function handle(
         reason: admission.reason,
       });
       m.nak(admission.delay);
-      return NOTHING_RAN;
+      return;
     case "fail":
       deps.log.error("run {runId}: failed before reconcile: {reason}", {
         runId: msg.run_id,
@@ -313,7 +307,7 @@ async function handle(
       } finally {
         deps.inProgress.delete(seq);
       }
-      return NOTHING_RAN;
+      return;
     case "run":
       break;
   }
@@ -340,7 +334,6 @@ async function handle(
     run.seal();
     const decision = decide(ended, attempt, deps.policy);
     await carryOut(m, msg, resourceJson, msgId, decision, run, deps);
-    return { userDone };
   } finally {
     deps.inProgress.delete(seq);
   }
