@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { readFileSync } from "node:fs";
 import process from "node:process";
 import { connect, headers, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, type JetStreamManager } from "@nats-io/jetstream";
@@ -47,6 +48,22 @@ export interface Bench {
   timeout: number;
   /** Prints a progress line. */
   progress(line: string): void;
+  /** The nats-server's process id, to read its CPU time (Linux). */
+  serverPid?: number;
+}
+
+/** CPU time (user + system) of a process in µs, from /proc (Linux); undefined elsewhere. */
+function processCpuUs(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    // utime and stime are fields 14 and 15 of the line, in clock ticks (100 per second on Linux).
+    return (Number(f[11]) + Number(f[12])) * 10_000;
+  } catch {
+    return undefined;
+  }
 }
 
 /** Consumer names are unique per run, so no run sees another's state. */
@@ -90,6 +107,11 @@ export interface ThroughputRun {
   eps: number;
   /** CPU time (user + system) of this process per event, in µs. */
   cpu_us_per_event: number;
+  /**
+   * CPU time of the nats-server per event, in µs (10 ms resolution; Linux
+   * only, else absent): with this process's, what the run cost the machine.
+   */
+  server_cpu_us_per_event?: number;
 }
 
 /**
@@ -115,6 +137,8 @@ async function runThroughput(
     let running: Running | undefined;
     let seconds = 0;
     let cpu = { user: 0, system: 0 };
+    let serverCpu: number | undefined;
+    const server0 = processCpuUs(b.serverPid);
     const cpu0 = process.cpuUsage();
     const t0 = performance.now();
     try {
@@ -122,6 +146,8 @@ async function runThroughput(
       await watch.until(o.events, b.timeout, () => `${name}: ${running?.errors()} errors`);
       seconds = (performance.now() - t0) / 1000;
       cpu = process.cpuUsage(cpu0);
+      const server1 = processCpuUs(b.serverPid);
+      if (server0 !== undefined && server1 !== undefined) serverCpu = server1 - server0;
     } finally {
       watch.stop();
       await running?.stop();
@@ -134,6 +160,7 @@ async function runThroughput(
       seconds: round(seconds, 4),
       eps: round(o.events / seconds),
       cpu_us_per_event: round((cpu.user + cpu.system) / o.events),
+      ...(serverCpu === undefined ? {} : { server_cpu_us_per_event: round(serverCpu / o.events) }),
     };
   } finally {
     await deleteConsumer(b.jsm, name);
@@ -141,6 +168,13 @@ async function runThroughput(
 }
 
 const fmt = (x: number) => Math.round(x).toLocaleString("en-US");
+
+/** The median nats-server CPU per event of some runs, when every run has one. */
+function serverMedian(runs: ThroughputRun[]): { server_cpu_us_per_event?: number } {
+  const xs = runs.map((x) => x.server_cpu_us_per_event);
+  if (xs.length === 0 || xs.some((x) => x === undefined)) return {};
+  return { server_cpu_us_per_event: round(median(xs as number[])) };
+}
 
 // ---------------------------------------------------------------- overhead
 
@@ -177,7 +211,10 @@ export interface OverheadCase {
   /** The runtime's rate over the baseline's within each round (the noise). */
   same_round_ratios: number[];
   /** Median events/s and CPU µs/event of every variant run. */
-  medians: Record<string, { eps: number; cpu_us_per_event: number }>;
+  medians: Record<
+    string,
+    { eps: number; cpu_us_per_event: number; server_cpu_us_per_event?: number }
+  >;
   /** Every timed run. */
   runs: ThroughputRun[];
 }
@@ -233,6 +270,7 @@ export async function overhead(b: Bench, o: OverheadOptions): Promise<OverheadFi
     const medians = Object.fromEntries(variants.map((v) => [v.name, {
       eps: round(median(of(v.name).map((x) => x.eps))),
       cpu_us_per_event: round(median(of(v.name).map((x) => x.cpu_us_per_event))),
+      ...serverMedian(of(v.name)),
     }]));
     const best = candidates.reduce((a, v) => medians[v.name].eps > medians[a.name].eps ? v : a);
     const same = of(RUNTIME.name).map((x) =>

@@ -233,6 +233,7 @@ export async function runSuite(config: SuiteConfig, hooks: SuiteHooks = {}): Pro
         jsm: await jetstreamManager(nc),
         timeout: config.timeout,
         progress: hooks.progress ?? (() => {}),
+        serverPid: server.pid,
       };
       const want = (f: FigureName) => config.figures.includes(f);
       const figures: SuiteReport["figures"] = {};
