@@ -27,6 +27,24 @@ async function publishRaw(env: Env, type: string, body: string) {
   return await jetstream(env.nc).publish(`resources.${type}`, body);
 }
 
+/**
+ * Takes the log store away: no stream for logs.*, and a subscriber that never
+ * answers, so log publishes time out. `restore()` brings the stream back.
+ */
+async function blockLogStore(env: Env): Promise<{ restore(): Promise<void> }> {
+  const jsm = await jetstreamManager(env.nc);
+  const config = (await jsm.streams.info("logs-engine")).config;
+  await jsm.streams.delete("logs-engine");
+  const swallow = env.nc.subscribe("logs.>", { callback: () => {} });
+  await env.nc.flush();
+  return {
+    async restore() {
+      swallow.unsubscribe();
+      await jsm.streams.add(config);
+    },
+  };
+}
+
 function wire(fields: { id?: string; runId?: string; spec?: string; name?: string }): string {
   const resource = `{"id":"r1","name":${JSON.stringify(fields.name ?? "web")},` +
     `"resource":"pipeline","metadata":{"version":"1"},"spec":${fields.spec ?? "{}"}}`;
@@ -333,12 +351,7 @@ describe("hung work", () => {
 describe("storing logs and results", () => {
   it("hands the event back after settleTimeout when its logs cannot be stored, then reports it", async () => {
     await using env = await conveyorEnv();
-    const jsm = await jetstreamManager(env.nc);
-    const logsConfig = (await jsm.streams.info("logs-engine")).config;
-    // No stream for logs.*, and a subscriber that never answers.
-    await jsm.streams.delete("logs-engine");
-    const swallow = env.nc.subscribe("logs.>", { callback: () => {} });
-    await env.nc.flush();
+    const logStore = await blockLogStore(env);
     const attempts: number[] = [];
     await using d = await startDriver({
       name: "unstored",
@@ -353,8 +366,7 @@ describe("storing logs and results", () => {
     await waitFor(() => d.stats().requeued >= 1, "the event handed back", 10_000);
     assert.equal((await results(env)).length, 0, "no result without its logs");
     // The log store comes back: the next attempt is stored and reported.
-    swallow.unsubscribe();
-    await jsm.streams.add(logsConfig);
+    await logStore.restore();
     const [r] = await waitForResults(env, 1);
     assert.equal(envelope(r).driverresult.success, true);
     const last = attempts[attempts.length - 1];
@@ -465,11 +477,7 @@ describe("flow: pulling ahead and settling beside the next reconcile", () => {
 
   it("stops starting reconciles while too many events wait to store their logs, and loses none", async () => {
     await using env = await conveyorEnv();
-    const jsm = await jetstreamManager(env.nc);
-    const logsConfig = (await jsm.streams.info("logs-engine")).config;
-    await jsm.streams.delete("logs-engine");
-    const swallow = env.nc.subscribe("logs.>", { callback: () => {} });
-    await env.nc.flush();
+    const logStore = await blockLogStore(env);
     let reconciles = 0;
     await using d = await startDriver({
       name: "backpressure",
@@ -486,8 +494,7 @@ describe("flow: pulling ahead and settling beside the next reconcile", () => {
     // Concurrency 1 and at most max(2 * concurrency, 64) events settling: 1 + 64.
     assert.ok(reconciles <= MIN_SETTLING + 1, `${reconciles} reconciles while nothing is stored`);
     assert.equal(d.stats().requeued, 0);
-    swallow.unsubscribe();
-    await jsm.streams.add(logsConfig);
+    await logStore.restore();
     const stored = await waitForResults(env, 100);
     assert.equal(new Set(stored.map((m) => envelope(m).resource.name)).size, 100);
     await drained(env, "backpressure");

@@ -17,6 +17,7 @@
  */
 import process from "node:process";
 import { startDriver } from "../mod.ts";
+import { reportMemory } from "../testdata/memory_readings.ts";
 import { benchDriver, NOOP } from "./drivers.ts";
 
 /** The environment the program reads (all strings, as environment variables are). */
@@ -32,35 +33,8 @@ export interface ProgramEnv {
 }
 
 const env = process.env as Partial<ProgramEnv>;
-const checkpoints = (env.CHECKPOINTS ?? "").split(",").map(Number).filter((n) => n > 0);
-
-function collect(): void {
-  const g = globalThis as { gc?: () => void; Bun?: { gc(force: boolean): void } };
-  if (g.Bun) g.Bun.gc(true);
-  else g.gc?.();
-}
-
 const running = await startDriver(benchDriver(env.DRIVER_NAME ?? "bench-program", NOOP), {
   concurrency: Number(env.CONCURRENCY ?? 64),
   configureLogging: false,
 });
-console.log(`ready ${process.pid}`);
-let reading = false;
-const timer = setInterval(async () => {
-  if (reading || !checkpoints.length || running.stats().succeeded < checkpoints[0]) return;
-  reading = true;
-  let rss = Infinity;
-  let heap = Infinity;
-  for (let i = 0; i < 5; i++) {
-    collect();
-    const m = process.memoryUsage();
-    rss = Math.min(rss, m.rss);
-    heap = Math.min(heap, m.heapUsed);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  console.log(`rss ${checkpoints.shift()} ${rss} ${heap}`);
-  reading = false;
-}, 50);
-await running.closed;
-clearInterval(timer);
-console.log("closed");
+await reportMemory(running, env.CHECKPOINTS);
