@@ -35,8 +35,9 @@ import {
   readConsumer,
 } from "./consumer.ts";
 import { checkDriver, type Driver } from "./driver.ts";
-import { ConnectError, ConsumerError, ShutdownError } from "./errors.ts";
+import { ConfigError, ConnectError, ConsumerError, ShutdownError } from "./errors.ts";
 import { Flow } from "./flow.ts";
+import { type DriverHealth, healthHandler, type HealthServer, serveHealth } from "./health.ts";
 import { ensureLogging } from "./logger.ts";
 import { type ResolvedOptions, resolveOptions, type ServeOptions } from "./options.ts";
 import { PubAcks } from "./pubacks.ts";
@@ -73,6 +74,10 @@ export interface RunningDriver extends AsyncDisposable {
   stop(): Promise<void>;
   /** A snapshot of the driver's counters. */
   stats(): DriverStats;
+  /** Whether it runs and whether it takes events (see `healthHandler`). */
+  health(): DriverHealth;
+  /** Base URL of the health server when option `health` (or `CONVEYOR_HEALTH_PORT`) is set. */
+  readonly healthUrl: string | undefined;
 }
 
 /**
@@ -139,7 +144,20 @@ export async function startDriver(driver: Driver, options?: ServeOptions): Promi
     const js = jetstream(nc);
     const consumer = await bindConsumer(js, driver.name);
     const runtime = new Runtime({ driver, o, nc, js, jsm, consumer, wants, log, client });
-    runtime.start(fleetOf(info.config));
+    let server: HealthServer | undefined;
+    if (o.health) {
+      try {
+        server = await serveHealth(healthHandler(runtime), o.health.port, o.health.hostname);
+      } catch (err) {
+        throw new ConfigError(
+          "health",
+          `cannot serve health checks on ${o.health.hostname}:${o.health.port}: ${errorText(err)}`,
+          { cause: err },
+        );
+      }
+      log.info("health checks on {url}/healthz and {url}/readyz", { url: server.url });
+    }
+    runtime.start(fleetOf(info.config), server);
     return runtime.handle();
   } catch (err) {
     await nc.close().catch(() => {});
@@ -278,6 +296,12 @@ class Runtime {
   #resolveClosed!: () => void;
   #cleanups: (() => void)[] = [];
   #signalled = false;
+  /** The NATS connection is up (follows its status events). */
+  #connected = true;
+  /** The last pull from the consumer succeeded. */
+  #consuming = false;
+  #closedDone = false;
+  #healthServer?: HealthServer;
 
   constructor(init: RuntimeInit) {
     this.#init = init;
@@ -332,9 +356,11 @@ class Runtime {
     return this.#init.log;
   }
 
-  start(fleet: Fleet): void {
+  start(fleet: Fleet, healthServer?: HealthServer): void {
     const { signal, handleSignals } = this.#init.o;
+    this.#healthServer = healthServer;
     live.add(this);
+    void this.#watchConnection();
     if (signal) {
       const onAbort = () => void this.stop();
       if (signal.aborted) queueMicrotask(onAbort);
@@ -360,8 +386,34 @@ class Runtime {
       closed: this.#closed,
       stop: () => this.stop(),
       stats: () => ({ ...this.#deps.stats }),
+      health: () => this.health(),
+      healthUrl: this.#healthServer?.url,
       [Symbol.asyncDispose]: () => this.stop(),
     };
+  }
+
+  /** Whether the runtime runs and takes events. */
+  health(): DriverHealth {
+    const alive = !this.#closedDone;
+    const connected = alive && this.#connected && !this.#init.nc.isClosed();
+    const consuming = alive && this.#consuming;
+    return {
+      alive,
+      ready: connected && consuming && !this.#stopping,
+      connected,
+      consuming,
+      stopping: this.#stopping,
+    };
+  }
+
+  /** Follows the connection's status: down on a disconnect, up on a reconnect. */
+  async #watchConnection(): Promise<void> {
+    try {
+      for await (const s of this.#init.nc.status()) {
+        if (s.type === "disconnect") this.#connected = false;
+        else if (s.type === "reconnect") this.#connected = true;
+      }
+    } catch { /* closed */ }
   }
 
   /** Applies the consumer's current settings: heartbeats every third of its ack_wait. */
@@ -474,6 +526,7 @@ class Runtime {
           expires: 5_000,
         });
         this.#fetch = iter;
+        this.#consuming = true;
         if (this.#stopping) iter.stop();
         for await (const m of iter) {
           failures = 0;
@@ -490,6 +543,7 @@ class Runtime {
         }
       } catch (err) {
         if (this.#stopping) break;
+        this.#consuming = false;
         failures++;
         this.#log.warn("pulling messages failed ({attempt}): {error}", {
           attempt: failures,
@@ -597,6 +651,8 @@ class Runtime {
     // Signal handlers stay until here: a second signal means "stop now".
     for (const c of this.#cleanups.splice(0)) c();
     live.delete(this);
+    await this.#healthServer?.close();
+    this.#closedDone = true;
     this.#log.info("driver {driver} stopped", { driver: driver.name, ...this.#deps.stats });
     if (this.#userCode.size > 0) {
       stuck.add(this);

@@ -24,6 +24,8 @@
 export { type RunningDriver, serve, startDriver } from "./manager.ts";
 // run.ts
 export { type DriverStats } from "./run.ts";
+// health.ts
+export { type DriverHealth, healthHandler } from "./health.ts";
 // driver.ts
 export { type Driver, type ReconcileContext } from "./driver.ts";
 // consumer.ts

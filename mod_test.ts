@@ -32,6 +32,7 @@ describe("public API", () => {
       "authFromEnv",
       "createIdentity",
       "filterSubjects",
+      "healthHandler",
       "parseDriverMessage",
       "parseDuration",
       "readSse",

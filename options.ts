@@ -170,6 +170,13 @@ export interface ServeOptions {
   apiUrl?: string;
   /** A ready API client for `ctx.client`; wins over `apiUrl`. */
   client?: Client;
+  /**
+   * Serves the health probes (`/healthz`, `/readyz`; see `healthHandler`) over
+   * HTTP on this port (0: any free one; `RunningDriver.healthUrl` tells
+   * which) and hostname (default `0.0.0.0`). Env `CONVEYOR_HEALTH_PORT`.
+   * Off by default.
+   */
+  health?: { port: number; hostname?: string };
 }
 
 /** How a start changes an existing consumer: see {@link ServeOptions.consumerPolicy}. */
@@ -198,6 +205,7 @@ export interface ResolvedOptions {
   auth?: AuthOptions | Identity;
   apiUrl?: string;
   client?: Client;
+  health?: { port: number; hostname: string };
 }
 
 /** Log levels understood by `CONVEYOR_LOG_LEVEL`. */
@@ -225,6 +233,7 @@ export const ENV = {
   connectTimeout: "CONVEYOR_CONNECT_TIMEOUT",
   logLevel: "CONVEYOR_LOG_LEVEL",
   apiUrl: "CONVEYOR_API_URL",
+  healthPort: "CONVEYOR_HEALTH_PORT",
 } as const;
 
 const UNITS: Record<string, number> = {
@@ -403,6 +412,16 @@ export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
     auth: options.auth ?? authFromEnv(),
     apiUrl: options.apiUrl ?? readEnv(ENV.apiUrl),
     client: options.client,
+    health: resolveHealth(options.health),
   };
   return resolved;
+}
+
+function resolveHealth(given: ServeOptions["health"]): ResolvedOptions["health"] {
+  const port = pick("healthPort", given?.port, -1, { min: 0 });
+  if (port === -1) return undefined;
+  if (port > 65_535) {
+    throw new ConfigError("healthPort", `the health port must be between 0 and 65535, not ${port}`);
+  }
+  return { port, hostname: given?.hostname ?? "0.0.0.0" };
 }

@@ -1,0 +1,95 @@
+// Health probes: the Web handler's answers, and the HTTP server of option
+// `health` following the driver's connection to NATS.
+import { describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { ConfigError, type DriverHealth, healthHandler, startDriver } from "./mod.ts";
+import { conveyorEnv, quiet, waitFor } from "./test_util.ts";
+
+const status = (over: Partial<DriverHealth>): DriverHealth => ({
+  alive: true,
+  ready: true,
+  connected: true,
+  consuming: true,
+  stopping: false,
+  ...over,
+});
+
+const driver = {
+  name: "probed",
+  resources: ["pipeline"],
+  reconcile: () => ({ success: true, message: "ok" }),
+};
+
+async function probe(url: string): Promise<number | "refused"> {
+  try {
+    const res = await fetch(url);
+    await res.body?.cancel();
+    return res.status;
+  } catch {
+    return "refused";
+  }
+}
+
+describe("health", () => {
+  it("answers /healthz by liveness and /readyz by readiness, with the status as JSON", async () => {
+    let current = status({});
+    const handler = healthHandler({ health: () => current });
+    const get = (path: string, method = "GET") =>
+      handler(new Request(`http://x${path}`, { method }));
+    assert.equal(get("/healthz").status, 200);
+    assert.deepEqual(await get("/readyz").json(), current);
+    current = status({ ready: false, connected: false });
+    assert.equal(get("/healthz").status, 200, "alive while NATS is down");
+    const r = get("/readyz");
+    assert.equal(r.status, 503);
+    assert.equal(((await r.json()) as DriverHealth).connected, false);
+    assert.equal(get("/probes/readyz/").status, 503, "mountable under a prefix");
+    assert.equal(get("/metrics").status, 404);
+    assert.equal(get("/readyz", "POST").status, 405);
+    assert.equal(get("/readyz", "HEAD").body, null);
+    current = status({ alive: false, ready: false });
+    assert.equal(get("/healthz").status, 503);
+  });
+
+  it("serves the probes over HTTP; readiness follows NATS going away and coming back", async () => {
+    await using env = await conveyorEnv();
+    const running = await startDriver(driver, {
+      servers: env.url,
+      ...quiet,
+      health: { port: 0, hostname: "127.0.0.1" },
+    });
+    try {
+      const url = running.healthUrl!;
+      assert.match(url, /^http:\/\/127\.0\.0\.1:\d+$/);
+      await waitFor(async () => (await probe(`${url}/readyz`)) === 200, "ready");
+      assert.equal(await probe(`${url}/healthz`), 200);
+      const restarted = env.server.restart({ downtime: 3_000 });
+      await waitFor(async () => (await probe(`${url}/readyz`)) === 503, "not ready", 5_000);
+      assert.equal(await probe(`${url}/healthz`), 200, "still alive");
+      assert.equal(running.health().connected, false);
+      await restarted;
+      await waitFor(async () => (await probe(`${url}/readyz`)) === 200, "ready again", 20_000);
+      await running.stop();
+      assert.equal(await probe(`${url}/healthz`), "refused", "the server is closed on stop");
+      assert.equal(running.health().alive, false);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it("is off by default, and a port in use is a ConfigError at start", async () => {
+    await using env = await conveyorEnv();
+    await using first = await startDriver(driver, {
+      servers: env.url,
+      ...quiet,
+      health: { port: 0, hostname: "127.0.0.1" },
+    });
+    await using plain = await startDriver(driver, { servers: env.url, ...quiet });
+    assert.equal(plain.healthUrl, undefined);
+    const port = Number(new URL(first.healthUrl!).port);
+    await assert.rejects(
+      startDriver(driver, { servers: env.url, ...quiet, health: { port, hostname: "127.0.0.1" } }),
+      (err: unknown) => err instanceof ConfigError && err.field === "health",
+    );
+  });
+});
