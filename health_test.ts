@@ -1,9 +1,17 @@
 // Health probes: the Web handler's answers, and the HTTP server of option
-// `health` following the driver's connection to NATS.
+// `health` following the driver's connection to NATS; and stats() exact.
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { ConfigError, type DriverHealth, healthHandler, startDriver } from "./mod.ts";
-import { conveyorEnv, quiet, waitFor } from "./test_util.ts";
+import { jetstream } from "@nats-io/jetstream";
+import {
+  ConfigError,
+  type DriverHealth,
+  healthHandler,
+  PermanentError,
+  startDriver,
+} from "./mod.ts";
+import { publishEvent } from "./testing.ts";
+import { conveyorEnv, quiet, waitFor, waitForResults } from "./test_util.ts";
 
 const status = (over: Partial<DriverHealth>): DriverHealth => ({
   alive: true,
@@ -91,5 +99,48 @@ describe("health", () => {
       startDriver(driver, { servers: env.url, ...quiet, health: { port, hostname: "127.0.0.1" } }),
       (err: unknown) => err instanceof ConfigError && err.field === "health",
     );
+  });
+});
+
+describe("stats", () => {
+  it("counts a known mix exactly, and keeps the latest failure", async () => {
+    await using env = await conveyorEnv();
+    const before = Date.now();
+    await using running = await startDriver({
+      name: "counted",
+      resources: ["pipeline"],
+      reconcile({ resource, attempt }) {
+        if (resource.name === "perm") throw new PermanentError("cannot ever work");
+        if (resource.name === "flaky" && attempt === 1) throw new Error("first try fails");
+        return { success: true, message: "ok" };
+      },
+    }, { servers: env.url, ...quiet, maxAttempts: 3, retryDelay: 100 });
+    // One at a time, so that the latest failure is known.
+    await publishEvent(env.nc, { resource: "pipeline", name: "ok" });
+    await publishEvent(env.nc, { resource: "pipeline", name: "perm" });
+    await waitForResults(env, 2);
+    await waitFor(() => running.stats().lastError, "the failure noted");
+    assert.equal(running.stats().lastError?.message, "cannot ever work");
+    await publishEvent(env.nc, { resource: "pipeline", name: "flaky" });
+    await waitForResults(env, 3);
+    await waitFor(() => running.stats().settling === 0, "settled");
+    assert.equal(running.stats().lastError?.message, "first try fails");
+    await jetstream(env.nc).publish("resources.pipeline", "not json");
+    await waitFor(() => running.stats().invalid === 1, "the malformed message terminated");
+    const s = running.stats();
+    assert.equal(s.received, 5, "ok, perm, flaky twice, the malformed one");
+    assert.equal(s.succeeded, 2);
+    assert.equal(s.failed, 1);
+    assert.equal(s.retried, 1);
+    assert.equal(s.invalid, 1);
+    assert.equal(s.skipped, 0);
+    assert.equal(s.requeued, 0);
+    assert.equal(s.inFlight, 0);
+    assert.equal(s.hung, 0);
+    assert.equal(s.queued, 0);
+    assert.ok(s.startedAt >= before && s.startedAt <= Date.now());
+    assert.match(s.lastError!.message, /JSON/);
+    assert.equal(s.lastError!.runId, undefined);
+    assert.ok(s.lastError!.at >= s.startedAt);
   });
 });

@@ -67,6 +67,22 @@ export interface DriverStats {
    * shutdown) because they ignore `ctx.signal`; their events were settled.
    */
   hung: number;
+  /** Events pulled ahead, waiting for a slot. */
+  queued: number;
+  /** Events whose reconcile ended, their logs, result and ack being stored. */
+  settling: number;
+  /** When the driver started (ms since the epoch): every counter counts from then. */
+  startedAt: number;
+  /**
+   * The latest failure: a failed attempt, a failure result, a malformed
+   * message, or logs and result that could not be stored.
+   */
+  lastError?: { message: string; runId?: string; at: number };
+}
+
+/** Records the latest failure in the stats. */
+function noteError(deps: EventDeps, message: string, runId?: string): void {
+  deps.stats.lastError = { message: message.slice(0, 1_000), runId, at: Date.now() };
 }
 
 /** How long a reconcile that was aborted gets to return before the runtime moves on. */
@@ -211,6 +227,7 @@ export async function handleDelivery(
       error: errorText(err),
       cause: err,
     });
+    noteError(deps, `runtime error: ${errorText(err)}`);
     deps.working.delete(m);
     try {
       if (attempt >= deps.policy.maxAttempts) {
@@ -534,6 +551,7 @@ async function carryOut(
         .catch(() => {});
       if (decision.action === "retry") {
         deps.stats.retried++;
+        noteError(deps, decision.reason, msg.run_id);
         deps.log.warn(
           "run {runId}: attempt {attempt}/{max} failed, retrying in {delay} ms: {error}",
           {
@@ -566,6 +584,7 @@ async function carryOut(
     });
     if (!fitted.ok) {
       deps.stats.failed++;
+      noteError(deps, fitted.reason, msg.run_id);
       deps.log.error("run {runId}: terminated without a result: {reason}", {
         runId: msg.run_id,
         reason: fitted.reason,
@@ -590,6 +609,7 @@ async function carryOut(
     } catch (err) {
       // Nothing was reported: let the event come back and try again.
       deps.stats.requeued++;
+      noteError(deps, `cannot store the logs or result: ${errorText(err)}`, msg.run_id);
       deps.log.error(
         "run {runId}: cannot store the logs or result, the event will be redelivered: {error}",
         { runId: msg.run_id, error: errorText(err) },
@@ -598,7 +618,10 @@ async function carryOut(
       return;
     }
     if (result.success) deps.stats.succeeded++;
-    else deps.stats.failed++;
+    else {
+      deps.stats.failed++;
+      noteError(deps, result.message, msg.run_id);
+    }
     settleConfirmed(
       m,
       then === "ack" ? "+ACK" : `+TERM ${`failed: ${result.message}`.slice(0, 1_000)}`,
@@ -697,6 +720,7 @@ async function reject(
   deps: EventDeps,
 ): Promise<void> {
   deps.stats.invalid++;
+  noteError(deps, error.message);
   const attempt = m.info.deliveryCount;
   deps.log.error("terminating message {seq} on {subject}: {error}", {
     seq: m.info.streamSequence,
