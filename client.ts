@@ -13,6 +13,7 @@
  * @module
  */
 import * as v from "valibot";
+import { context, propagation, type TextMapSetter } from "@opentelemetry/api";
 import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
 import { backoff, httpErrorText, parseRetryAfter, readEnv, sleep } from "./_util.ts";
 import { readSse } from "./sse.ts";
@@ -651,6 +652,8 @@ export class Client {
   async #headersFor(auth: boolean): Promise<Headers> {
     const headers = new Headers(this.#headers);
     if (!headers.has("Accept")) headers.set("Accept", "application/json");
+    // The caller's trace (e.g. the reconcile's span) continues at the server.
+    propagation.inject(context.active(), headers, headerSetter);
     if (auth && this.#auth) headers.set("Authorization", `Bearer ${await this.#auth.token()}`);
     return headers;
   }
@@ -766,3 +769,7 @@ function retryable(err: unknown): boolean {
   if (err instanceof ConveyorApiError) return RETRY_STATUS.has(err.status);
   return err instanceof ApiNetworkError || err instanceof ApiTimeoutError;
 }
+
+const headerSetter: TextMapSetter<Headers> = {
+  set: (headers, key, value) => headers.set(key, value),
+};

@@ -63,7 +63,7 @@ export type Outcome =
 
 /** What to do after reconcile. */
 export type Decision =
-  | { action: "report"; result: DriverResult; then: "ack" | "term" }
+  | { action: "report"; result: DriverResult; then: "ack" | "term"; error?: unknown }
   | { action: "retry"; delay: number; reason: string; error: unknown }
   | { action: "handBack"; reason: string };
 
@@ -167,6 +167,7 @@ export function decide(
         action: "report",
         then: "term",
         result: failure(errorText(err), { error: errorName(err), attempts: attempt }),
+        error: err,
       };
     }
   }

@@ -39,11 +39,13 @@ describe("decide: what reconcile does decides what is reported", () => {
   });
 
   it("throws on the last attempt: a failure with the error's message, terminated", () => {
-    const d = decide({ kind: "threw", error: new TypeError("bad") }, 3, policy);
+    const error = new TypeError("bad");
+    const d = decide({ kind: "threw", error }, 3, policy);
     assert.deepEqual(d, {
       action: "report",
       then: "term",
       result: { success: false, message: "bad", data: { error: "TypeError", attempts: 3 } },
+      error,
     });
   });
 

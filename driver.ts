@@ -4,6 +4,7 @@
  *
  * @module
  */
+import type { Span } from "@opentelemetry/api";
 import type { Client } from "./client.ts";
 import { ConfigError } from "./errors.ts";
 import type { DriverLogger } from "./logger.ts";
@@ -37,6 +38,13 @@ export interface ReconcileContext {
    * or was given a `client`.
    */
   client?: Client;
+  /**
+   * The OpenTelemetry span of this delivery (kind consumer): add events and
+   * attributes, or start child spans with it as parent. It is also the
+   * active context while reconcile runs, when the application has set a
+   * context manager. A non-recording span while tracing is off.
+   */
+  span: Span;
 }
 
 /**

@@ -1,5 +1,6 @@
 /**
- * The per-run logger handed to `reconcile`, and the runtime's console output.
+ * The per-run logger handed to `reconcile`, and the runtime's default log
+ * output (stderr, when the application has not configured LogTape).
  *
  * Every line becomes an SDD Log Entry published to JetStream `logs.{runid}`
  * (persisted by the server) and core NATS `live.logs.{runid}.{driver}` (live
@@ -10,11 +11,12 @@
 import {
   configure,
   getConfig,
-  getConsoleSink,
   getLogger,
   getTextFormatter,
   type Logger,
+  type Sink,
 } from "@logtape/logtape";
+import process from "node:process";
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { pause, setLongTimeout } from "./_util.ts";
 import { PublishError } from "./errors.ts";
@@ -99,6 +101,8 @@ export interface RunLogOptions {
   pipeline?: string;
   /** Labels added to every line, e.g. the event and resource. */
   labels?: Labels;
+  /** Headers added to every line: the trace context (`traceparent`, `tracestate`). */
+  headers?: Record<string, string>;
   /**
    * Rounds of retries of failed lines when `flush` is called without a
    * signal. @default 5
@@ -145,6 +149,8 @@ export interface RunLog {
   seal(): void;
   /** Lines logged so far. */
   readonly count: number;
+  /** Lines JetStream confirmed stored so far. */
+  readonly stored: number;
   /** Lines not published: logged after `seal()` or over `maxBuffered`. */
   readonly dropped: number;
 }
@@ -247,7 +253,11 @@ export function createRunLog(opts: RunLogOptions): RunLog {
   let buffered = 0;
   let seq = 0;
   let dropped = 0;
+  let stored = 0;
   let sealed = false;
+  const extra = opts.headers;
+  let extraBytes = 0;
+  for (const k in extra) extraBytes += k.length + extra[k].length + 4;
 
   function emit(level: Level, message: string, labels: Labels): void {
     const text = String(message);
@@ -263,7 +273,8 @@ export function createRunLog(opts: RunLogOptions): RunLog {
 
     const h = natsHeaders();
     h.set("Conveyor-Log-Level", level);
-    let headerBytes = 40;
+    if (extra) { for (const k in extra) h.set(k, extra[k]); }
+    let headerBytes = 40 + extraBytes;
     for (const k in labels) {
       const value = headerValue(labels[k]);
       const key = headerKey(k);
@@ -308,6 +319,7 @@ export function createRunLog(opts: RunLogOptions): RunLog {
         () => {
           inflight.delete(line);
           buffered -= line.data.length;
+          stored++;
         },
         (err) => {
           inflight.delete(line);
@@ -359,6 +371,9 @@ export function createRunLog(opts: RunLogOptions): RunLog {
     get count() {
       return seq;
     },
+    get stored() {
+      return stored;
+    },
     get dropped() {
       return dropped;
     },
@@ -386,7 +401,20 @@ function untilAborted(
 }
 
 /**
- * Configures a console sink for `["conveyor"]` at `logLevel` unless LogTape
+ * Writes records as text lines to stderr (stdout stays the application's):
+ * a line is one `write`, so lines of concurrent runs do not interleave.
+ */
+function stderrSink(): Sink {
+  // "bare": a driver's line (the `message` property) prints as written, not
+  // as a quoted string.
+  const format = getTextFormatter({ value: "bare" });
+  return (record) => {
+    process.stderr.write(format(record));
+  };
+}
+
+/**
+ * Configures a stderr sink for `["conveyor"]` at `logLevel` unless LogTape
  * is configured already or `configureLogging` is false. A library must not
  * take over logging, so this only acts when the application has not set
  * LogTape up.
@@ -397,12 +425,10 @@ export async function ensureLogging(
   if (!o.configureLogging || getConfig() !== null) return;
   try {
     await configure({
-      // "bare": a driver's line (the `message` property) prints as written,
-      // not as a quoted string.
-      sinks: { console: getConsoleSink({ formatter: getTextFormatter({ value: "bare" }) }) },
+      sinks: { stderr: stderrSink() },
       loggers: [
-        { category: ["conveyor"], lowestLevel: o.logLevel, sinks: ["console"] },
-        { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["console"] },
+        { category: ["conveyor"], lowestLevel: o.logLevel, sinks: ["stderr"] },
+        { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
       ],
     });
   } catch (err) {

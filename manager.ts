@@ -41,6 +41,7 @@ import { type DriverHealth, healthHandler, type HealthServer, serveHealth } from
 import { ensureLogging } from "./logger.ts";
 import { type ResolvedOptions, resolveOptions, type ServeOptions } from "./options.ts";
 import { PubAcks } from "./pubacks.ts";
+import { Telemetry } from "./telemetry.ts";
 import {
   ABORT_GRACE_MS,
   type DriverStats,
@@ -135,7 +136,8 @@ export async function startDriver(driver: Driver, options?: ServeOptions): Promi
     : await createIdentity(o.auth);
   const client = o.client ??
     (o.apiUrl ? new Client({ baseUrl: o.apiUrl, auth: identity }) : undefined);
-  const nc = await connectWithin(driver.name, o, identity);
+  const nc = await connectWithin(driver.name, o, identity, log);
+  log.info("connected to NATS at {server}", { server: nc.getServer() });
   try {
     const jsm = await jetstreamManager(nc);
     await checkStream(jsm);
@@ -157,12 +159,22 @@ export async function startDriver(driver: Driver, options?: ServeOptions): Promi
       }
       log.info("health checks on {url}/healthz and {url}/readyz", { url: server.url });
     }
-    runtime.start(fleetOf(info.config), server);
+    runtime.start(fleetOf(info.config), countsOf(info), server);
     return runtime.handle();
   } catch (err) {
     await nc.close().catch(() => {});
     throw err;
   }
+}
+
+/** The consumer's pending counts, for the gauges. */
+interface ConsumerCounts {
+  pending: number;
+  ackPending: number;
+}
+
+function countsOf(info: { num_pending: number; num_ack_pending: number }): ConsumerCounts {
+  return { pending: info.num_pending, ackPending: info.num_ack_pending };
 }
 
 function bindConsumer(js: JetStreamClient, name: string): Promise<Consumer> {
@@ -181,6 +193,7 @@ async function connectWithin(
   name: string,
   o: ResolvedOptions,
   identity: Identity | undefined,
+  log: Logger,
 ): Promise<NatsConnection> {
   const deadline = Date.now() + o.connectTimeout;
   let last: unknown;
@@ -207,6 +220,11 @@ async function connectWithin(
     }
     const wait = Math.min(2_000, 100 * 2 ** i);
     if (Date.now() + wait >= deadline) break;
+    log.info("cannot connect to NATS at {servers} yet ({error}); retrying in {delay} ms", {
+      servers: o.servers,
+      error: errorText(last),
+      delay: wait,
+    });
     await pause(wait, o.signal);
   }
   // A server that requires client certificates drops a client without one
@@ -302,12 +320,21 @@ class Runtime {
   #consuming = false;
   #closedDone = false;
   #healthServer?: HealthServer;
+  /** The consumer's pending counts, as last read. */
+  #consumerCounts?: { pending: number; ackPending: number };
+  readonly #telemetry: Telemetry;
 
   constructor(init: RuntimeInit) {
     this.#init = init;
     this.#consumer = init.consumer;
     const { driver, o } = init;
     this.#flow = new Flow(o.concurrency);
+    this.#telemetry = new Telemetry(driver.name, o.telemetry, {
+      active: () => this.#deps.stats.inFlight,
+      hung: () => this.#deps.stats.hung,
+      queued: () => this.#flow.queued,
+      consumer: () => this.#consumerCounts,
+    });
     this.#deps = {
       driver,
       policy: o,
@@ -344,6 +371,7 @@ class Runtime {
       force: this.#forceAc.signal,
       interrupts: new Set(),
       settleDeadline: this.#settleAc.signal,
+      telemetry: this.#telemetry,
     };
     this.#closed = new Promise((r) => (this.#resolveClosed = r));
     const interrupt = (force: boolean) => () => {
@@ -359,7 +387,8 @@ class Runtime {
     return this.#init.log;
   }
 
-  start(fleet: Fleet, healthServer?: HealthServer): void {
+  start(fleet: Fleet, pending: ConsumerCounts, healthServer?: HealthServer): void {
+    this.#consumerCounts = pending;
     const { signal, handleSignals } = this.#init.o;
     this.#healthServer = healthServer;
     live.add(this);
@@ -417,8 +446,37 @@ class Runtime {
   async #watchConnection(): Promise<void> {
     try {
       for await (const s of this.#init.nc.status()) {
-        if (s.type === "disconnect") this.#connected = false;
-        else if (s.type === "reconnect") this.#connected = true;
+        switch (s.type) {
+          case "disconnect":
+            this.#connected = false;
+            if (!this.#stopping) {
+              this.#log.warn("disconnected from NATS at {server}; reconnecting", {
+                server: s.server,
+              });
+            }
+            break;
+          case "reconnect":
+            this.#connected = true;
+            this.#log.info("reconnected to NATS at {server}", { server: s.server });
+            break;
+          case "ldm":
+            this.#log.warn("NATS at {server} is entering lame duck mode (shutting down)", {
+              server: s.server,
+            });
+            break;
+          case "error":
+            this.#log.warn("NATS reported an error: {error}", {
+              error: errorText(s.error),
+              cause: s.error,
+            });
+            break;
+          case "slowConsumer":
+            this.#log.warn("slow consumer on {subject}: {pending} messages pending", {
+              subject: s.sub.getSubject(),
+              pending: s.pending,
+            });
+            break;
+        }
       }
     } catch { /* closed */ }
   }
@@ -463,6 +521,7 @@ class Runtime {
     try {
       this.#deps.memory.prune();
       const info = await readConsumer(jsm, driver.name);
+      if (info) this.#consumerCounts = countsOf(info);
       if (info && planConsumer(info.config, wants, "widen").action === "keep") {
         this.#follow(fleetOf(info.config));
         return;
@@ -630,7 +689,11 @@ class Runtime {
     this.#stopping = true;
     this.#flow.wake();
     this.#fetch?.stop();
+    const queued = this.#queue.length;
     this.#dropQueue();
+    this.#log.info("shutting down: stopped pulling, handed back {queued} queued event(s)", {
+      queued,
+    });
     if (this.#pending.size > 0) {
       this.#log.info("waiting up to {timeout} ms for {count} in-flight event(s)", {
         timeout: o.shutdownTimeout,
@@ -640,10 +703,19 @@ class Runtime {
     await this.#settled(o.shutdownTimeout, force);
     if (this.#pending.size > 0) {
       // Stop waiting: reconciles get ShutdownError and a grace to return.
+      this.#log.warn(
+        "shutting down: aborting {count} reconcile(s) still running (ctx.signal, ShutdownError)",
+        { count: this.#deps.stats.inFlight, forced: force.aborted },
+      );
       this.#shutdownAc.abort(new ShutdownError());
       await this.#settled(ABORT_GRACE_MS + SETTLE_GRACE_MS, force);
     }
     // Whatever is still storing logs or results goes back to the stream.
+    if (this.#pending.size > 0) {
+      this.#log.warn("shutting down: handing back {count} event(s) not settled in time", {
+        count: this.#pending.size,
+      });
+    }
     this.#settleAc.abort();
     await this.#settled(HAND_BACK_MS);
     // The pull loop ended with the fetch stopped; draining ends it in any case.
@@ -653,11 +725,15 @@ class Runtime {
     this.#deps.pubacks.close();
     const drained = nc.drain().then(() => true, () => false);
     if (!await Promise.race([drained, pause(DRAIN_MS).then(() => false)])) {
+      this.#log.debug("shutting down: draining the connection took over {ms} ms; closing it", {
+        ms: DRAIN_MS,
+      });
       await nc.close().catch(() => {});
     }
     // Signal handlers stay until here: a second signal means "stop now".
     for (const c of this.#cleanups.splice(0)) c();
     live.delete(this);
+    this.#telemetry.close();
     await this.#healthServer?.close();
     this.#closedDone = true;
     this.#log.info("driver {driver} stopped", { driver: driver.name, ...this.#deps.stats });

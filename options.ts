@@ -9,6 +9,7 @@ import { MAX_TIMER_MS, readEnv } from "./_util.ts";
 import { ConfigError } from "./errors.ts";
 import { authFromEnv, type AuthOptions, type Identity } from "./auth.ts";
 import type { Client } from "./client.ts";
+import type { TelemetryOptions } from "./telemetry.ts";
 
 /**
  * How the runtime connects, consumes, retries and shuts down. Every field is
@@ -177,6 +178,12 @@ export interface ServeOptions {
    * Off by default.
    */
   health?: { port: number; hostname?: string };
+  /**
+   * Where spans and metrics go (see the README's "Observability"): the
+   * global OpenTelemetry providers and propagator unless given here. Without
+   * an OpenTelemetry SDK set up, tracing and metrics cost next to nothing.
+   */
+  telemetry?: TelemetryOptions;
 }
 
 /** How a start changes an existing consumer: see {@link ServeOptions.consumerPolicy}. */
@@ -206,6 +213,7 @@ export interface ResolvedOptions {
   apiUrl?: string;
   client?: Client;
   health?: { port: number; hostname: string };
+  telemetry: TelemetryOptions;
 }
 
 /** Log levels understood by `CONVEYOR_LOG_LEVEL`. */
@@ -413,6 +421,7 @@ export function resolveOptions(options: ServeOptions = {}): ResolvedOptions {
     apiUrl: options.apiUrl ?? readEnv(ENV.apiUrl),
     client: options.client,
     health: resolveHealth(options.health),
+    telemetry: options.telemetry ?? {},
   };
   return resolved;
 }

@@ -7,7 +7,8 @@
  * @module
  */
 import type { Logger } from "@logtape/logtape";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
+import { context as otelContext } from "@opentelemetry/api";
 import type { JsMsg } from "@nats-io/jetstream";
 import * as v from "valibot";
 import { backoff, errorText, isRecord, pause, setLongTimeout } from "./_util.ts";
@@ -32,6 +33,7 @@ import {
 } from "./errors.ts";
 import { createRunLog, type RunLog } from "./logger.ts";
 import type { PubAcks } from "./pubacks.ts";
+import type { EventTelemetry, Telemetry } from "./telemetry.ts";
 import {
   type DriverMessage,
   type DriverResult,
@@ -144,6 +146,8 @@ export interface EventDeps {
   interrupts: Set<(force: boolean) => void>;
   /** Aborted when settling must end: what is not settled is handed back. */
   settleDeadline: AbortSignal;
+  /** Spans and metrics. */
+  telemetry: Telemetry;
 }
 
 /**
@@ -216,8 +220,20 @@ export async function handleDelivery(
   onReconciled?: (userDone: Promise<void>) => void,
 ): Promise<void> {
   deps.stats.received++;
+  const seq = m.info.streamSequence;
+  if (deps.inProgress.has(seq)) {
+    // Handed out again while its delivery is still in progress here (a new
+    // consumer leader that had not replicated the first delivery): that one's
+    // +WPI, ack or nak settles the stream sequence. A nak here would schedule
+    // yet another delivery, each counting against maxAttempts.
+    deps.log.info("event at stream sequence {seq} delivered again while in progress here", {
+      seq,
+    });
+    return;
+  }
+  const t = deps.telemetry.begin(m);
   try {
-    await handle(m, deps, onReconciled);
+    await handle(m, deps, t, onReconciled);
   } catch (err) {
     // A runtime bug or a lost connection: hand the event back rather than
     // drop it; its delivery count keeps this from looping for ever.
@@ -229,10 +245,11 @@ export async function handleDelivery(
     });
     noteError(deps, `runtime error: ${errorText(err)}`);
     deps.working.delete(m);
+    const last = attempt >= deps.policy.maxAttempts;
+    t.end(last ? "terminated" : "retried", { error: err });
     try {
-      if (attempt >= deps.policy.maxAttempts) {
-        m.term(`runtime error: ${errorText(err)}`.slice(0, 1_000));
-      } else m.nak(backoff(attempt, deps.policy));
+      if (last) m.term(`runtime error: ${errorText(err)}`.slice(0, 1_000));
+      else m.nak(backoff(attempt, deps.policy));
     } catch { /* connection gone: ack_wait redelivers it */ }
     return;
   }
@@ -241,27 +258,26 @@ export async function handleDelivery(
 async function handle(
   m: JsMsg,
   deps: EventDeps,
+  t: EventTelemetry,
   onReconciled: ((userDone: Promise<void>) => void) | undefined,
 ): Promise<void> {
   const seq = m.info.streamSequence;
   const attempt = m.info.deliveryCount;
-  if (deps.inProgress.has(seq)) {
-    // Handed out again while its delivery is still in progress here (a new
-    // consumer leader that had not replicated the first delivery): that one's
-    // +WPI, ack or nak settles the stream sequence. A nak here would schedule
-    // yet another delivery, each counting against maxAttempts.
-    deps.log.info("event at stream sequence {seq} delivered again while in progress here", {
-      seq,
-    });
-    return;
-  }
-
   const decoded = decode(m);
   if (!decoded.ok) {
-    await reject(m, decoded.error, decoded.raw, deps);
+    t.identify({ type: m.subject.slice(m.subject.lastIndexOf(".") + 1) });
+    await reject(m, decoded.error, decoded.raw, deps, t);
     return;
   }
   const { message: msg, resourceJson } = decoded;
+  const type = typeOf(m.subject, msg.payload);
+  t.identify({
+    type,
+    event: msg.event,
+    name: msg.payload.name,
+    runId: msg.run_id,
+    messageId: msg.id,
+  });
   const msgId = resultMsgId(deps.driver.name, msg.run_id, msg.id);
   if (deps.memory.has(memoryKey(seq, msgId))) {
     // Its result is stored; the ack was lost. Acknowledge, do not rerun.
@@ -269,9 +285,9 @@ async function handle(
       runId: msg.run_id,
     });
     settleConfirmed(m, "+ACK", msgId, deps);
+    t.end("skipped");
     return;
   }
-  const type = typeOf(m.subject, msg.payload);
   let handler = eventHandler(msg.event, deps.events, deps.fleet());
   if (handler === "none") {
     // Skipping is final: make sure no version that started a moment ago
@@ -295,6 +311,7 @@ async function handle(
         reason: admission.reason,
       });
       m.ack();
+      t.end("skipped");
       return;
     case "handBack":
       deps.stats.requeued++;
@@ -304,6 +321,7 @@ async function handle(
         reason: admission.reason,
       });
       m.nak(admission.delay);
+      t.end("handed_back");
       return;
     case "fail":
       deps.log.error("run {runId}: failed before reconcile: {reason}", {
@@ -320,6 +338,7 @@ async function handle(
           { action: "report", result: admission.result, then: "term" },
           undefined,
           deps,
+          t,
         );
       } finally {
         deps.inProgress.delete(seq);
@@ -339,18 +358,21 @@ async function handle(
       runId: msg.run_id,
       pipeline: msg.payload.pipeline || undefined,
       attempts: Infinity,
+      headers: t.headers(),
       onLate: (line) =>
         deps.log.warn(
           "run {runId}: lines logged after reconcile returned are not stored (first: {line})",
           { runId: msg.run_id, line: line.slice(0, 200) },
         ),
     });
-    const { outcome, userDone } = reconcile(m, msg, run, deps);
+    const began = performance.now();
+    const { outcome, userDone } = reconcile(m, msg, run, deps, t);
     const ended = await outcome;
+    t.reconciled(performance.now() - began);
     onReconciled?.(userDone);
     run.seal();
     const decision = decide(ended, attempt, deps.policy);
-    await carryOut(m, msg, resourceJson, msgId, decision, run, deps);
+    await carryOut(m, msg, resourceJson, msgId, decision, run, deps, t);
   } finally {
     deps.inProgress.delete(seq);
   }
@@ -423,6 +445,7 @@ function reconcile(
   msg: DriverMessage,
   run: RunLog,
   deps: EventDeps,
+  t: EventTelemetry,
 ): { outcome: Promise<Outcome>; userDone: Promise<void> } {
   const seq = m.info.streamSequence;
   // ctx.signal is made when first read: many reconciles never look at it,
@@ -488,8 +511,13 @@ function reconcile(
     },
     attempt: m.info.deliveryCount,
     client: deps.client,
+    span: t.span,
   };
-  const user = new Promise((resolve) => resolve(deps.driver.reconcile(ctx)));
+  // The span is the active context around reconcile: spans the driver starts
+  // (and the API client's requests) join its trace when a context manager is set.
+  const user = new Promise((resolve) =>
+    resolve(otelContext.with(t.context, deps.driver.reconcile, deps.driver, ctx))
+  );
   let finished = false;
   let hung = false;
   const userDone = user.then(
@@ -541,6 +569,7 @@ async function carryOut(
   decision: Decision,
   run: RunLog | undefined,
   deps: EventDeps,
+  t: EventTelemetry,
 ): Promise<void> {
   const attempt = m.info.deliveryCount;
   const deadline = Date.now() + deps.settleTimeout;
@@ -564,6 +593,7 @@ async function carryOut(
           },
         );
         m.nak(decision.delay);
+        t.end("retried", { error: decision.error, message: decision.reason });
       } else {
         deps.stats.requeued++;
         deps.log.info("run {runId}: handed back to the stream: {reason}", {
@@ -571,6 +601,7 @@ async function carryOut(
           reason: decision.reason,
         });
         m.nak();
+        t.end("handed_back");
       }
       return;
     }
@@ -590,6 +621,7 @@ async function carryOut(
         reason: fitted.reason,
       });
       m.term(fitted.reason.slice(0, 1_000));
+      t.end("terminated", { message: fitted.reason });
       return;
     }
     const result = fitted.result;
@@ -605,7 +637,7 @@ async function carryOut(
     }
     try {
       await run?.flush({ signal: deps.settleDeadline, deadline });
-      await publishResult(fitted.body, msgId, deps, deadline);
+      await publishResult(fitted.body, msgId, deps, deadline, t);
     } catch (err) {
       // Nothing was reported: let the event come back and try again.
       deps.stats.requeued++;
@@ -615,6 +647,7 @@ async function carryOut(
         { runId: msg.run_id, error: errorText(err) },
       );
       m.nak(deps.settleDeadline.aborted ? undefined : backoff(attempt, deps.policy));
+      t.end("handed_back", { error: err });
       return;
     }
     if (result.success) deps.stats.succeeded++;
@@ -628,8 +661,11 @@ async function carryOut(
       msgId,
       deps,
     );
+    if (result.success) t.end("succeeded");
+    else t.end("failed", { error: failureError(decision), message: result.message });
   } finally {
     deps.working.delete(m);
+    if (run) t.logged(run.stored, run.dropped);
   }
 }
 
@@ -696,11 +732,22 @@ async function publishResult(
   msgID: string,
   deps: EventDeps,
   deadline: number,
+  t: EventTelemetry,
 ): Promise<void> {
   let last: unknown;
+  const trace = t.headers();
   for (let i = 0;; i++) {
+    let headers;
+    if (trace) {
+      headers = natsHeaders();
+      for (const k in trace) headers.set(k, trace[k]);
+    }
     try {
-      await deps.pubacks.publish(RESULT_SUBJECT, body, { msgID, timeout: PUBLISH_TIMEOUT_MS });
+      await deps.pubacks.publish(RESULT_SUBJECT, body, {
+        msgID,
+        timeout: PUBLISH_TIMEOUT_MS,
+        headers,
+      });
       return;
     } catch (err) {
       last = err;
@@ -718,6 +765,7 @@ async function reject(
   error: InvalidMessageError,
   raw: unknown,
   deps: EventDeps,
+  t: EventTelemetry,
 ): Promise<void> {
   deps.stats.invalid++;
   noteError(deps, error.message);
@@ -760,6 +808,7 @@ async function reject(
           resultMsgId(deps.driver.name, runId, id),
           deps,
           Date.now() + 10_000,
+          t,
         );
         deps.stats.failed++;
       } catch (err) {
@@ -769,6 +818,7 @@ async function reject(
             error: errorText(err),
           });
           m.nak(backoff(attempt, deps.policy));
+          t.end("retried", { error: err });
           return;
         }
         deps.log.error("cannot report the invalid message of run {runId}: {error}", {
@@ -779,6 +829,12 @@ async function reject(
     }
   }
   m.term(error.message.slice(0, 1_000));
+  t.end("terminated", { error });
+}
+
+/** The error behind a failure result, for its span: what reconcile threw, if anything. */
+function failureError(decision: Decision): unknown {
+  return decision.action === "report" ? decision.error : undefined;
 }
 
 function readResource(payload: unknown): { json: string } | undefined {
