@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { Span } from "@opentelemetry/api";
+import type { TraceContext } from "./telemetry.ts";
 import type { Client } from "./client.ts";
 import { ConfigError } from "./errors.ts";
 import type { DriverLogger } from "./logger.ts";
@@ -39,12 +39,15 @@ export interface ReconcileContext {
    */
   client?: Client;
   /**
-   * The OpenTelemetry span of this delivery (kind consumer): add events and
-   * attributes, or start child spans with it as parent. It is also the
-   * active context while reconcile runs, when the application has set a
-   * context manager. A non-recording span while tracing is off.
+   * The OpenTelemetry context of this delivery: it holds the delivery's span
+   * (kind consumer; `trace.getSpan(ctx.traceContext)`), continued from the
+   * event's `traceparent`. Parent your own spans on it:
+   * `tracer.startSpan("build", {}, ctx.traceContext)`. It is also the active
+   * context while reconcile runs, when the application has registered a
+   * context manager (an OpenTelemetry SDK set-up does). Holds a
+   * non-recording span while tracing is off.
    */
-  span: Span;
+  traceContext: TraceContext;
 }
 
 /**

@@ -26,6 +26,14 @@ export { type RunningDriver, serve, startDriver } from "./manager.ts";
 export { type DriverStats } from "./run.ts";
 // health.ts
 export { type DriverHealth, healthHandler } from "./health.ts";
+// telemetry.ts
+export {
+  type EventOutcome,
+  INSTRUMENTATION_SCOPE,
+  METRICS,
+  type TelemetryOptions,
+  type TraceContext,
+} from "./telemetry.ts";
 // driver.ts
 export { type Driver, type ReconcileContext } from "./driver.ts";
 // consumer.ts

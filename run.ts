@@ -365,6 +365,7 @@ async function handle(
           { runId: msg.run_id, line: line.slice(0, 200) },
         ),
     });
+    t.logs(run);
     const began = performance.now();
     const { outcome, userDone } = reconcile(m, msg, run, deps, t);
     const ended = await outcome;
@@ -511,7 +512,7 @@ function reconcile(
     },
     attempt: m.info.deliveryCount,
     client: deps.client,
-    span: t.span,
+    traceContext: t.context,
   };
   // The span is the active context around reconcile: spans the driver starts
   // (and the API client's requests) join its trace when a context manager is set.
@@ -665,7 +666,6 @@ async function carryOut(
     else t.end("failed", { error: failureError(decision), message: result.message });
   } finally {
     deps.working.delete(m);
-    if (run) t.logged(run.stored, run.dropped);
   }
 }
 

@@ -10,6 +10,7 @@
  */
 import {
   type Attributes,
+  type BatchObservableCallback,
   type Context,
   type Counter,
   defaultTextMapSetter,
@@ -18,7 +19,6 @@ import {
   type MeterProvider,
   metrics,
   type ObservableGauge,
-  type ObservableResult,
   type ObservableUpDownCounter,
   propagation,
   ROOT_CONTEXT,
@@ -50,17 +50,33 @@ import { errorName, errorText } from "./_util.ts";
  * ```
  */
 export interface TelemetryOptions {
-  /** Creates the spans. @default the global tracer provider */
-  tracerProvider?: TracerProvider;
-  /** Creates the instruments. @default the global meter provider */
-  meterProvider?: MeterProvider;
+  /**
+   * Creates the spans: an OpenTelemetry `TracerProvider`, e.g. the SDK's.
+   * @default the global tracer provider
+   */
+  tracerProvider?: { getTracer(name: string, version?: string): unknown };
+  /**
+   * Creates the instruments: an OpenTelemetry `MeterProvider`, e.g. the SDK's.
+   * @default the global meter provider
+   */
+  meterProvider?: { getMeter(name: string, version?: string): unknown };
   /**
    * Reads the trace context from event headers and writes it into the log
-   * and result headers. @default the global propagator (W3C trace context
-   * when the SDK registers one)
+   * and result headers: an OpenTelemetry `TextMapPropagator`, e.g. the W3C
+   * trace context propagator. @default the global propagator (W3C trace
+   * context when the SDK registers one)
    */
-  propagator?: TextMapPropagator;
+  propagator?: {
+    inject(context: unknown, carrier: unknown, setter: unknown): void;
+    extract(context: unknown, carrier: unknown, getter: unknown): unknown;
+  };
 }
+
+/**
+ * An OpenTelemetry `Context` (`@opentelemetry/api`): immutable values by key,
+ * here the delivery's span.
+ */
+export type TraceContext = Context;
 
 /** The instrumentation scope of the runtime's spans and metrics. */
 export const INSTRUMENTATION_SCOPE = "@conveyor/driver";
@@ -169,18 +185,18 @@ export class Telemetry {
   readonly #logLines: Counter;
   readonly #logDropped: Counter;
   readonly #observables: (ObservableUpDownCounter | ObservableGauge)[];
-  readonly #observe: (r: {
-    observe(o: ObservableUpDownCounter | ObservableGauge, v: number, a?: Attributes): void;
-  }) => void;
+  readonly #observe: BatchObservableCallback;
 
   /** Gets the tracer and creates the instruments of `driver`. */
   constructor(driver: string, options: TelemetryOptions, gauges: TelemetryGauges) {
     this.#driver = driver;
-    this.#tracer = (options.tracerProvider ?? trace.getTracerProvider())
-      .getTracer(INSTRUMENTATION_SCOPE, INSTRUMENTATION_VERSION);
-    this.#propagator = options.propagator ?? propagation;
-    const meter = (options.meterProvider ?? metrics.getMeterProvider())
-      .getMeter(INSTRUMENTATION_SCOPE, INSTRUMENTATION_VERSION);
+    // Typed loosely in the options (any version of the API fits); they are
+    // the API's types.
+    this.#tracer = ((options.tracerProvider as TracerProvider | undefined) ??
+      trace.getTracerProvider()).getTracer(INSTRUMENTATION_SCOPE, INSTRUMENTATION_VERSION);
+    this.#propagator = (options.propagator as Propagator | undefined) ?? propagation;
+    const meter = ((options.meterProvider as MeterProvider | undefined) ??
+      metrics.getMeterProvider()).getMeter(INSTRUMENTATION_SCOPE, INSTRUMENTATION_VERSION);
     this.#meter = meter;
     this.#received = meter.createCounter(METRICS.received, {
       description: "Deliveries received from the driver's consumer",
@@ -305,8 +321,8 @@ export class Telemetry {
 }
 
 /**
- * One delivery's span and measures. The span is `ctx.span` in reconcile;
- * {@link EventTelemetry.context} is the active context around it.
+ * One delivery's span and measures. {@link EventTelemetry.context} holds the
+ * span: it is `ctx.traceContext`, and the active context around reconcile.
  */
 export class EventTelemetry {
   readonly #t: Telemetry;
@@ -316,8 +332,7 @@ export class EventTelemetry {
   readonly context: Context;
   #attributes?: Attributes;
   #seconds?: number;
-  #lines = 0;
-  #dropped = 0;
+  #lines?: { readonly stored: number; readonly dropped: number };
   #carrier?: Record<string, string> | null;
   #ended = false;
 
@@ -348,10 +363,9 @@ export class EventTelemetry {
     this.#seconds = ms / 1_000;
   }
 
-  /** Notes the run's log lines: stored, and not published. */
-  logged(stored: number, dropped: number): void {
-    this.#lines = stored;
-    this.#dropped = dropped;
+  /** The run's log: its lines stored and not published are counted at the end. */
+  logs(run: { readonly stored: number; readonly dropped: number }): void {
+    this.#lines = run;
   }
 
   /** The trace context to carry in the headers of the run's logs and result. */
@@ -379,8 +393,8 @@ export class EventTelemetry {
       outcome,
       this.#attributes,
       this.#seconds,
-      this.#lines,
-      this.#dropped,
+      this.#lines?.stored ?? 0,
+      this.#lines?.dropped ?? 0,
       errorType,
     );
     const span = this.span;

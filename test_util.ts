@@ -159,6 +159,8 @@ export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeou
 export interface Program extends AsyncDisposable {
   /** Everything it printed on stdout so far. */
   out: string;
+  /** Everything it printed on stderr so far, when spawned with `stderr: "capture"`. */
+  err: string;
   /** Its exit code (null when a signal ended it). */
   exited: Promise<number | null>;
   /** Waits until it printed "ready <pid>". */
@@ -175,7 +177,7 @@ export interface Program extends AsyncDisposable {
 export function spawnProgram(
   program: string,
   vars: Record<string, string>,
-  options: { gc?: boolean } = {},
+  options: { gc?: boolean; stderr?: "inherit" | "capture" } = {},
 ): Program {
   const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
   const file = new URL(`./testdata/${program}.${ext}`, import.meta.url).pathname;
@@ -187,10 +189,11 @@ export function spawnProgram(
     : [process.execPath, [...(options.gc ? ["--expose-gc"] : []), file]];
   const child = spawn(cmd, args, {
     env: { ...process.env, ...vars },
-    stdio: ["ignore", "pipe", "inherit"],
+    stdio: ["ignore", "pipe", options.stderr === "capture" ? "pipe" : "inherit"],
   });
   const proc: Program = {
     out: "",
+    err: "",
     exited: new Promise<number | null>((r) => child.on("exit", (code) => r(code))),
     ready: () => waitFor(() => proc.out.includes("ready"), "driver process ready", 30_000),
     // process.kill, not child.kill: Deno's ChildProcess reports any child it
@@ -203,6 +206,7 @@ export function spawnProgram(
     },
   };
   child.stdout!.on("data", (c: Uint8Array) => (proc.out += new TextDecoder().decode(c)));
+  child.stderr?.on("data", (c: Uint8Array) => (proc.err += new TextDecoder().decode(c)));
   return proc;
 }
 

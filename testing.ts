@@ -24,7 +24,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { connect, headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
 import type { DriverMessage, Resource } from "./types.ts";
 export type { DriverMessage, Resource } from "./types.ts";
@@ -277,6 +277,8 @@ export interface EventInit {
    * steps (`drivers.{driver}.resources.{type}`) instead of `resources.{type}`.
    */
   driver?: string;
+  /** NATS headers to send with it, e.g. a W3C `traceparent`. */
+  headers?: Record<string, string>;
 }
 
 /** What {@link publishEvent} published. */
@@ -317,7 +319,12 @@ export function publishEvent(
       ? `drivers.${init.driver}.resources.${init.resource}`
       : `resources.${init.resource}`;
     const wire = { ...message, payload: JSON.stringify(resource) };
-    const ack = await jetstream(nc).publish(subject, JSON.stringify(wire));
+    let headers;
+    if (init.headers) {
+      headers = natsHeaders();
+      for (const [k, v] of Object.entries(init.headers)) headers.set(k, v);
+    }
+    const ack = await jetstream(nc).publish(subject, JSON.stringify(wire), { headers });
     return { subject, message, seq: ack.seq };
   });
 }
