@@ -14,7 +14,16 @@ import {
   type JetStreamManager,
   type JsMsg,
 } from "@nats-io/jetstream";
-import { MESSAGES_STREAM, RESULT_SUBJECT, resultMsgId, startDriver } from "../mod.ts";
+import { W3CTraceContextPropagator } from "@opentelemetry/core";
+import { MeterProvider, MetricReader } from "@opentelemetry/sdk-metrics";
+import { BatchSpanProcessor, type SpanExporter, TracerProvider } from "@opentelemetry/sdk-trace";
+import {
+  MESSAGES_STREAM,
+  RESULT_SUBJECT,
+  resultMsgId,
+  startDriver,
+  type TelemetryOptions,
+} from "../mod.ts";
 import { benchDriver, type Work } from "./drivers.ts";
 import { ACK_WAIT_MS, addConsumer, MAX_ACK_PENDING, Semaphore } from "./harness.ts";
 
@@ -207,38 +216,113 @@ function loop(name: string, description: string, o: LoopOptions): Variant {
   };
 }
 
+/** Telemetry a runtime variant starts with, and how to shut it down. */
+interface TelemetrySetup {
+  options: TelemetryOptions;
+  shutdown(): Promise<void>;
+}
+
+/** `startDriver` with a `benchDriver`, LogTape left unconfigured (no console output is measured). */
+function runtimeVariant(
+  name: string,
+  description: string,
+  telemetry?: () => TelemetrySetup,
+): Variant {
+  return {
+    name,
+    description,
+    runtime: true,
+    async prepare(jsm, consumer) {
+      await addConsumer(jsm, consumer, { runtime: true });
+    },
+    async start(url, consumer, concurrency, w) {
+      const t = telemetry?.();
+      const running = await startDriver(benchDriver(consumer, w), {
+        servers: url,
+        concurrency,
+        ackWait: ACK_WAIT_MS,
+        maxAckPending: MAX_ACK_PENDING,
+        handleSignals: false,
+        configureLogging: false,
+        shutdownTimeout: 5_000,
+        telemetry: t?.options,
+      });
+      return {
+        errors: () => {
+          const s = running.stats();
+          return s.failed + s.retried + s.invalid + s.requeued;
+        },
+        stop: async () => {
+          await running.stop();
+          await t?.shutdown();
+        },
+      };
+    },
+  };
+}
+
 /**
  * The runtime, as measured by every figure: `startDriver` in this process
- * with a `benchDriver`, LogTape left unconfigured (no console output is
- * measured).
+ * with a `benchDriver`, OpenTelemetry not set up (its API is a no-op).
  */
-export const RUNTIME: Variant = {
-  name: "runtime",
-  description:
-    "startDriver(), reconcile logs one line via ctx.logger and returns { success: true }",
-  runtime: true,
-  async prepare(jsm, consumer) {
-    await addConsumer(jsm, consumer, { runtime: true });
+export const RUNTIME: Variant = runtimeVariant(
+  "runtime",
+  "startDriver(), reconcile logs one line via ctx.logger and returns { success: true }",
+);
+
+/** An exporter that drops what it gets: the SDK's cost without an exporter's. */
+const discard = {
+  export(_items: unknown, done: (r: { code: number }) => void) {
+    done({ code: 0 });
   },
-  async start(url, consumer, concurrency, w) {
-    const running = await startDriver(benchDriver(consumer, w), {
-      servers: url,
-      concurrency,
-      ackWait: ACK_WAIT_MS,
-      maxAckPending: MAX_ACK_PENDING,
-      handleSignals: false,
-      configureLogging: false,
-      shutdownTimeout: 5_000,
-    });
+  shutdown: () => Promise.resolve(),
+  forceFlush: () => Promise.resolve(),
+};
+
+/** A metric reader nobody collects from: the instruments aggregate as in production. */
+class IdleReader extends MetricReader {
+  protected override onForceFlush(): Promise<void> {
+    return Promise.resolve();
+  }
+  protected override onShutdown(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+function tracing(): TelemetrySetup {
+  const tracerProvider = new TracerProvider({
+    spanProcessors: [new BatchSpanProcessor({ exporter: discard as unknown as SpanExporter })],
+  });
+  return {
+    options: { tracerProvider, propagator: new W3CTraceContextPropagator() },
+    shutdown: () => tracerProvider.shutdown(),
+  };
+}
+
+/** The runtime with OpenTelemetry tracing on: every span sampled, batched, exported to nowhere. */
+export const RUNTIME_TRACED: Variant = runtimeVariant(
+  "runtime-traced",
+  "runtime with an OpenTelemetry SDK tracer provider (all sampled, batch processor, " +
+    "W3C propagation into log and result headers)",
+  tracing,
+);
+
+/** The runtime with OpenTelemetry tracing and metrics on. */
+export const RUNTIME_OTEL: Variant = runtimeVariant(
+  "runtime-otel",
+  "runtime-traced plus an OpenTelemetry SDK meter provider",
+  () => {
+    const t = tracing();
+    const meterProvider = new MeterProvider({ readers: [new IdleReader()] });
     return {
-      errors: () => {
-        const s = running.stats();
-        return s.failed + s.retried + s.invalid + s.requeued;
+      options: { ...t.options, meterProvider },
+      shutdown: async () => {
+        await t.shutdown();
+        await meterProvider.shutdown();
       },
-      stop: () => running.stop(),
     };
   },
-};
+);
 
 /** The hand-written candidates for the overhead figure's baseline. */
 export const BASELINES: readonly Variant[] = [
@@ -279,6 +363,8 @@ export const DEFAULT_BASELINES: readonly string[] = ["consume-sem-pipe"];
 
 /** Opt-in diagnostic variants, to split a gap between baseline and runtime into its causes. */
 export const DIAGNOSTICS: readonly Variant[] = [
+  RUNTIME_TRACED,
+  RUNTIME_OTEL,
   loop("fetch-ackack", "fetch, each ack confirmed (ackAck) before its slot is freed", {
     pull: "fetch",
     pipelined: false,
