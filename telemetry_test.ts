@@ -251,6 +251,41 @@ describe("tracing", () => {
     assert.equal(bad.status.code, SpanStatusCode.ERROR);
   });
 
+  it("starts a new trace for a malformed or hostile traceparent, and processes the event", async () => {
+    await using env = await conveyorEnv();
+    const { exporter, tracerProvider, propagator } = tracing();
+    await using _running = await startDriver({
+      name: "hostile",
+      resources: ["pipeline"],
+      reconcile: () => ({ success: true, message: "ok" }),
+    }, { servers: env.url, ...quiet, telemetry: { tracerProvider, propagator } });
+    const hostile: Record<string, string>[] = [
+      { traceparent: "garbage" },
+      { traceparent: `00-${"0".repeat(32)}-${PARENT_ID}-01` }, // the invalid all-zero trace id
+      { traceparent: `00-${TRACE_ID}-${PARENT_ID}-01`.repeat(500) },
+      {
+        traceparent: incoming.traceparent,
+        tracestate: Array.from({ length: 200 }, (_, i) => `k${i}=${"v".repeat(200)}`).join(","),
+      },
+    ];
+    for (const headers of hostile) {
+      await publishEvent(env.nc, { resource: "pipeline", name: "web", headers });
+    }
+    const results = await waitForResults(env, hostile.length);
+    assert.ok(
+      results.every((r) => (r.json as { driverresult: { success: boolean } }).driverresult.success),
+    );
+    await waitFor(() => processSpans(exporter.getFinishedSpans()).length === 4, "4 spans");
+    const spans = processSpans(exporter.getFinishedSpans());
+    const continued = spans.filter((s) => s.spanContext().traceId === TRACE_ID);
+    // Only the valid traceparent continues; its oversized tracestate is cut, not passed on whole.
+    assert.equal(continued.length, 1);
+    assert.ok((continued[0].spanContext().traceState?.serialize() ?? "").length <= 512);
+    for (const r of results) {
+      assert.ok((r.headers.tracestate ?? "").length <= 512, "no oversized tracestate passed on");
+    }
+  });
+
   it("uses a tracer provider registered globally after the driver started", async () => {
     await using env = await conveyorEnv();
     const { exporter, tracerProvider, propagator } = tracing();
@@ -497,5 +532,34 @@ describe("runtime diagnostics", () => {
         /\[INF\] conveyor·driver·plain·runtime: driver plain stopped/,
       ]
     ) assert.match(p.err, expected);
+  });
+});
+
+describe("the README's observability examples", () => {
+  it("examples/observability.ts prints the spans and metrics with the console exporters", async () => {
+    await using p = spawnProgram("examples/observability", {}, { stderr: "capture" });
+    assert.equal(await p.exited, 0, `exit code (stderr: ${p.err})`);
+    assert.match(p.out, /process resources\.pipeline/);
+    assert.match(p.out, new RegExp(`traceId: .${TRACE_ID}.`), "the upstream trace continued");
+    assert.match(p.out, /compile/);
+    assert.match(p.out, /conveyor\.driver\.events\.settled/);
+    assert.match(p.out, /conveyor\.driver\.reconcile\.duration/);
+    assert.match(p.err, /building web/, "the driver's lines on stderr");
+  });
+
+  it("examples/prometheus.ts serves the metrics for a scrape", async () => {
+    await using p = spawnProgram("examples/prometheus", { METRICS_PORT: "0" }, {
+      stderr: "capture",
+    });
+    assert.equal(await p.exited, 0, `exit code (stderr: ${p.err})`);
+    const series = (outcome: string) =>
+      new RegExp(
+        `^conveyor_driver_events_settled_total\\{[^}]*conveyor_outcome="${outcome}"[^}]*\\} (\\d+)$`,
+        "m",
+      ).exec(p.out)?.[1];
+    assert.equal(series("succeeded"), "2", p.out);
+    assert.equal(series("failed"), "1");
+    assert.match(p.out, /^# TYPE conveyor_driver_reconcile_duration histogram$/m);
+    assert.match(p.out, /^conveyor_driver_reconciles_active\{conveyor_driver="scraped"[^}]*\} 0$/m);
   });
 });

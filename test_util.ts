@@ -170,7 +170,7 @@ export interface Program extends AsyncDisposable {
 }
 
 /**
- * Runs testdata/<program> in its own process on the runtime running the
+ * Runs testdata/<program> (or <dir>/<program>) in its own process on the runtime running the
  * tests, with extra environment variables; `gc` exposes a garbage collector
  * to it (`globalThis.gc`, or Bun.gc).
  */
@@ -180,7 +180,9 @@ export function spawnProgram(
   options: { gc?: boolean; stderr?: "inherit" | "capture" } = {},
 ): Program {
   const ext = import.meta.url.endsWith(".js") ? "js" : "ts";
-  const file = new URL(`./testdata/${program}.${ext}`, import.meta.url).pathname;
+  // "name" is a program in testdata/; "dir/name" one elsewhere (examples/).
+  const rel = program.includes("/") ? program : `testdata/${program}`;
+  const file = new URL(`./${rel}.${ext}`, import.meta.url).pathname;
   const gc = options.gc ? ["--v8-flags=--expose-gc"] : [];
   const [cmd, args] = "Deno" in globalThis
     ? [process.execPath, ["run", "-A", ...gc, file]]
