@@ -2,7 +2,7 @@
 // `health` following the driver's connection to NATS; and stats() exact.
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { jetstream } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import {
   ConfigError,
   type DriverHealth,
@@ -83,6 +83,28 @@ describe("health", () => {
     } finally {
       await running.stop();
     }
+  });
+
+  it("is not ready while its consumer is missing, and ready again once it is recreated", async () => {
+    await using env = await conveyorEnv();
+    await using running = await startDriver(driver, {
+      servers: env.url,
+      ...quiet,
+      health: { port: 0, hostname: "127.0.0.1" },
+    });
+    const url = `${running.healthUrl}/readyz`;
+    await waitFor(async () => (await probe(url)) === 200, "ready");
+    await (await jetstreamManager(env.nc)).consumers.delete("messages", "probed");
+    // The pull fails at once; the runtime recreates the consumer, then waits
+    // at least 250 ms before pulling again: polled often, the 503 shows.
+    const seen = new Set<number | "refused">();
+    await waitFor(async () => {
+      seen.add(await probe(url));
+      return seen.has(503) && (await probe(url)) === 200;
+    }, "not ready, then ready again", 15_000);
+    assert.equal(running.health().consuming, true);
+    await publishEvent(env.nc, { resource: "pipeline", name: "after" });
+    await waitForResults(env, 1);
   });
 
   it("is off by default, and a port in use is a ConfigError at start", async () => {
