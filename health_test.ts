@@ -98,10 +98,14 @@ describe("health", () => {
     // The pull fails at once; the runtime recreates the consumer, then waits
     // at least 250 ms before pulling again: polled often, the 503 shows.
     const seen = new Set<number | "refused">();
-    await waitFor(async () => {
-      seen.add(await probe(url));
-      return seen.has(503) && (await probe(url)) === 200;
-    }, "not ready, then ready again", 15_000);
+    await waitFor(
+      async () => {
+        seen.add(await probe(url));
+        return seen.has(503) && (await probe(url)) === 200;
+      },
+      "not ready, then ready again",
+      15_000,
+    );
     assert.equal(running.health().consuming, true);
     await publishEvent(env.nc, { resource: "pipeline", name: "after" });
     await waitForResults(env, 1);
