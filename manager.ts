@@ -321,7 +321,7 @@ class Runtime {
   #closedDone = false;
   #healthServer?: HealthServer;
   /** The consumer's pending counts, as last read. */
-  #consumerCounts?: { pending: number; ackPending: number };
+  #consumerCounts?: ConsumerCounts;
   readonly #telemetry: Telemetry;
 
   constructor(init: RuntimeInit) {
