@@ -57,11 +57,20 @@ describe("faults over time", () => {
     // the same work per event shows the same steps (56.5 -> 66.6 MiB in one
     // of three runs; the runtime 69.4 -> 82.2 in one of three). There the
     // heap is the leak measure, and resident memory gets one step of slack.
-    const slack = "Bun" in globalThis ? 16 * 1024 * 1024 : 0;
+    // Deno's resident memory grows too, with the heap flat: on this project's
+    // machine the same hand-written loop (bench's consume-sem-pipe, a process
+    // of its own, concurrency 64) went 151-154 -> 184-192 MiB from 10,000 to
+    // 100,000 events in 3 of 3 runs (+21-25%), the runtime 170-177 -> 189-195
+    // MiB (+7-15%). There too the heap is the leak measure.
+    const slack = "Bun" in globalThis
+      ? 16 * 1024 * 1024
+      : "Deno" in globalThis && long
+      ? 32 * 1024 * 1024
+      : 0;
     assert.ok(
       late.rss <= early.rss * rssBound + slack,
       `resident memory grew more than ${Math.round((rssBound - 1) * 100)}%` +
-        `${slack ? " + 16 MiB" : ""}: ${mb(early.rss)} -> ${mb(late.rss)} MiB`,
+        `${slack ? ` + ${slack / 1024 / 1024} MiB` : ""}: ${mb(early.rss)} -> ${mb(late.rss)} MiB`,
     );
     assert.ok(
       late.heap <= early.heap * 1.1 + 1024 * 1024,
