@@ -47,7 +47,13 @@ export interface TokenSource {
   token(): Promise<string>;
 }
 
-/** Retries of idempotent requests (GET, PUT, DELETE, HEAD). */
+/**
+ * Retries of a failed request. GET and HEAD are retried on timeouts, network
+ * errors and 429, 502, 503, 504. Every other request (POST, PUT, DELETE:
+ * each starts work on the server) is retried only when it provably never
+ * reached the server (connection refused, name not resolved), unless the
+ * call says it may repeat (`RequestOptions.idempotent`).
+ */
 export interface RetryOptions {
   /** Attempts in all, the first included; 1 turns retries off. @default 3 */
   attempts?: number;
@@ -79,7 +85,7 @@ export interface ClientOptions {
    * @default 30_000
    */
   timeout?: number;
-  /** Retries of idempotent requests; POST is never retried. */
+  /** How failed requests are retried (see `RetryOptions` for which ones). */
   retry?: RetryOptions;
   /** Extra headers for every request, e.g. `User-Agent`. */
   headers?: Record<string, string>;
@@ -101,6 +107,19 @@ export interface ClientOptions {
 export interface RequestOptions {
   /** Aborts the request (and its retries); the call rejects with the signal's reason. */
   signal?: AbortSignal;
+  /**
+   * Retry this call like a GET (timeouts, network errors, 429, 502-504) even
+   * though its method is not safe to repeat. On the Conveyor server a PUT
+   * publishes an `update` event and a DELETE a `delete` event: a retry of
+   * one that did reach the server starts that work twice. Set it only where
+   * that is acceptable. @default false
+   */
+  idempotent?: boolean;
+}
+
+/** What a request method passes on from its options. */
+function callOptions(o: RequestOptions): { signal?: AbortSignal; idempotent?: boolean } {
+  return { signal: o.signal, idempotent: o.idempotent };
 }
 
 /** Filters of {@link Client.listLogs}; all optional, combined with AND. */
@@ -155,7 +174,8 @@ export const OPERATIONS: Readonly<Record<string, keyof Client>> = Object.freeze(
   "POST /drivers/broadcast-message": "broadcastMessage",
 });
 
-const IDEMPOTENT = new Set(["GET", "HEAD", "PUT", "DELETE", "OPTIONS"]);
+/** Methods that start no work on the server: a repeat is harmless. */
+const SAFE = new Set(["GET", "HEAD", "OPTIONS"]);
 const RETRY_STATUS = new Set([429, 502, 503, 504]);
 /** `Retry-After` of a failed attempt, by its error. */
 const retryAfterOf = new WeakMap<Error, number>();
@@ -203,6 +223,8 @@ interface Call {
   query?: Record<string, string | undefined>;
   body?: unknown;
   signal?: AbortSignal;
+  /** The caller allows repeating it: retried like a GET. */
+  idempotent?: boolean;
   /** Send `Authorization` (all but /health). */
   auth?: boolean;
 }
@@ -217,9 +239,12 @@ interface Call {
  *   naming what is wrong.
  * - `fetch` failing rejects with `ApiNetworkError`, an attempt exceeding
  *   `timeout` with `ApiTimeoutError`; aborting `signal` with its reason.
- * - GET, PUT and DELETE are retried on network errors, timeouts, 429, 502,
- *   503 and 504, honouring `Retry-After`; POST is never retried, as the
- *   server may have acted on it.
+ * - GET and HEAD are retried on network errors, timeouts, 429, 502, 503 and
+ *   504, honouring `Retry-After`. POST, PUT and DELETE start work on the
+ *   server (a PUT publishes an `update` event, a DELETE a `delete` event):
+ *   they are retried only when they provably never reached it (connection
+ *   refused, name not resolved), or like a GET when the call passes
+ *   `idempotent: true`.
  *
  * @example
  * ```ts
@@ -283,7 +308,7 @@ export class Client {
       method: "GET",
       path: "/health",
       auth: false,
-      signal: options.signal,
+      ...callOptions(options),
     });
     return this.#decode(HealthStatusSchema, reply, "GET", "/health");
   }
@@ -310,7 +335,7 @@ export class Client {
       method: "POST",
       path: "/resources/", // with the slash, as the Go client posts
       body: resource,
-      signal: options.signal,
+      ...callOptions(options),
     });
     return this.#decode(CreateResourceResponseSchema, reply, "POST", "/resources/");
   }
@@ -324,7 +349,7 @@ export class Client {
    */
   async listResources(type: string, options: RequestOptions = {}): Promise<Resource[]> {
     const path = `/resources/${seg(type)}`;
-    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    const reply = await this.#request({ method: "GET", path, ...callOptions(options) });
     return this.#decode(ResourceListSchema, reply, "GET", path);
   }
 
@@ -336,7 +361,7 @@ export class Client {
    */
   async getResource(type: string, name: string, options: RequestOptions = {}): Promise<Resource> {
     const path = `/resources/${seg(type)}/${seg(name)}`;
-    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    const reply = await this.#request({ method: "GET", path, ...callOptions(options) });
     return this.#decode(ResourceSchema, reply, "GET", path);
   }
 
@@ -356,7 +381,7 @@ export class Client {
       method: "PUT",
       path,
       body: resource,
-      signal: options.signal,
+      ...callOptions(options),
     });
     return this.#decode(ResourceSchema, reply, "PUT", path);
   }
@@ -369,7 +394,7 @@ export class Client {
     await this.#request({
       method: "DELETE",
       path: `/resources/${seg(type)}/${seg(name)}`,
-      signal: options.signal,
+      ...callOptions(options),
     });
   }
 
@@ -385,7 +410,7 @@ export class Client {
     options: RequestOptions = {},
   ): Promise<Resource> {
     const path = `/resources/${seg(type)}/${seg(name)}/${seg(version)}`;
-    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    const reply = await this.#request({ method: "GET", path, ...callOptions(options) });
     return this.#decode(ResourceSchema, reply, "GET", path);
   }
 
@@ -429,7 +454,7 @@ export class Client {
     options: RequestOptions = {},
   ): Promise<ResourceDefinition> {
     const path = `/resource-definitions/${seg(name)}`;
-    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    const reply = await this.#request({ method: "GET", path, ...callOptions(options) });
     return this.#decode(ResourceDefinitionSchema, reply, "GET", path);
   }
 
@@ -456,7 +481,7 @@ export class Client {
     definition: ResourceDefinitionInit,
     options: RequestOptions,
   ): Promise<ResourceDefinition> {
-    const reply = await this.#request({ method, path, body: definition, signal: options.signal });
+    const reply = await this.#request({ method, path, body: definition, ...callOptions(options) });
     return this.#decode(ResourceDefinitionSchema, reply, method, path);
   }
 
@@ -465,7 +490,7 @@ export class Client {
     await this.#request({
       method: "DELETE",
       path: `/resource-definitions/${seg(name)}`,
-      signal: options.signal,
+      ...callOptions(options),
     });
   }
 
@@ -488,7 +513,7 @@ export class Client {
       method: "POST",
       path: "/pipelines",
       body: pipeline,
-      signal: options.signal,
+      ...callOptions(options),
     });
     return this.#decode(PipelineSchema, reply, "POST", "/pipelines");
   }
@@ -499,7 +524,7 @@ export class Client {
    */
   async getPipeline(name: string, options: RequestOptions = {}): Promise<Pipeline> {
     const path = `/pipelines/${seg(name)}`;
-    const reply = await this.#request({ method: "GET", path, signal: options.signal });
+    const reply = await this.#request({ method: "GET", path, ...callOptions(options) });
     return this.#decode(PipelineSchema, reply, "GET", path);
   }
 
@@ -518,7 +543,7 @@ export class Client {
       method: "PUT",
       path,
       body: pipeline,
-      signal: options.signal,
+      ...callOptions(options),
     });
     return this.#decode(PipelineSchema, reply, "PUT", path);
   }
@@ -528,7 +553,7 @@ export class Client {
     await this.#request({
       method: "DELETE",
       path: `/pipelines/${seg(name)}`,
-      signal: options.signal,
+      ...callOptions(options),
     });
   }
 
@@ -560,7 +585,7 @@ export class Client {
    * with `ctx.logger` instead.
    */
   async createLog(entry: LogEntry, options: RequestOptions = {}): Promise<void> {
-    await this.#request({ method: "POST", path: "/logs", body: entry, signal: options.signal });
+    await this.#request({ method: "POST", path: "/logs", body: entry, ...callOptions(options) });
   }
 
   /**
@@ -611,7 +636,12 @@ export class Client {
       ...message,
       payload: typeof payload === "string" ? payload : JSON.stringify(payload),
     };
-    const reply = await this.#request({ method: "POST", path, body: wire, signal: options.signal });
+    const reply = await this.#request({
+      method: "POST",
+      path,
+      body: wire,
+      ...callOptions(options),
+    });
     return this.#decode(BroadcastResponseSchema, reply, "POST", path);
   }
 
@@ -674,15 +704,19 @@ export class Client {
     }, { cause: new v.ValiError(parsed.issues) });
   }
 
-  /** Sends a request, retrying an idempotent one; resolves to the 2xx answer. */
+  /**
+   * Sends a request, retrying what cannot repeat work (see `RetryOptions`);
+   * resolves to the 2xx answer.
+   */
   async #request(call: Call): Promise<Reply> {
-    const attempts = IDEMPOTENT.has(call.method) ? this.#attempts : 1;
+    const safe = SAFE.has(call.method) || call.idempotent === true;
     for (let attempt = 1;; attempt++) {
       try {
         return await this.#attempt(call);
       } catch (err) {
         if (call.signal?.aborted) throw call.signal.reason;
-        if (attempt >= attempts || !retryable(err)) throw err;
+        if (attempt >= this.#attempts) throw err;
+        if (!(safe ? retryable(err) : neverSent(err))) throw err;
         const asked = retryAfterOf.get(err as Error);
         // The server wants more time than we are willing to wait: give up.
         if (asked !== undefined && asked > this.#maxDelay) throw err;
@@ -729,7 +763,7 @@ export class Client {
       if (timedOut) {
         throw new ApiTimeoutError({ method, path, timeout: this.#timeout }, { cause: err });
       }
-      throw new ApiNetworkError({ method, path }, { cause: err });
+      throw new ApiNetworkError({ method, path, notSent: connectFailed(err) }, { cause: err });
     } finally {
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
@@ -764,6 +798,30 @@ export class Client {
     }
   }
 }
+
+/** Whether a failed request provably never reached the server. */
+function neverSent(err: unknown): boolean {
+  return err instanceof ApiNetworkError && err.notSent;
+}
+
+/**
+ * Whether `fetch` failed while connecting (refused, name not resolved), so
+ * no byte of the request was sent. Each runtime says it its own way: Node
+ * (undici) and Bun with `code`, Deno in the message ("client error
+ * (Connect)"), somewhere along the cause chain.
+ */
+function connectFailed(err: unknown): boolean {
+  let e: unknown = err;
+  for (let i = 0; i < 5 && e instanceof Error; i++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && CONNECT_CODES.has(code)) return true;
+    if (/client error \(Connect\)|ECONNREFUSED|ENOTFOUND|EAI_AGAIN/.test(e.message)) return true;
+    e = e.cause;
+  }
+  return false;
+}
+
+const CONNECT_CODES = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EAI_NONAME"]);
 
 function retryable(err: unknown): boolean {
   if (err instanceof ConveyorApiError) return RETRY_STATUS.has(err.status);

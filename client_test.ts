@@ -7,6 +7,16 @@ import { Client, type ClientOptions, OPERATIONS, type TokenSource } from "./clie
 import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
 import { startTestApiServer, type TestApiServer } from "./test_api_server.ts";
 import type { LogEntry, Pipeline, Resource } from "./types.ts";
+import { createServer } from "node:net";
+
+/** A port nothing listens on (bound, then released). */
+async function closedPort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
+  const { port } = s.address() as { port: number };
+  await new Promise((r) => s.close(r));
+  return port;
+}
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
@@ -447,36 +457,96 @@ describe("Client: aborts", () => {
 });
 
 describe("Client: retries", () => {
-  it("retries GET, PUT and DELETE on 429, 502, 503, 504, network errors and timeouts", async () => {
+  it("retries GET on 429, 502, 503, 504, network errors and timeouts", async () => {
     await using api = await startTestApiServer();
     const c = client(api, { timeout: 200 });
     await seed(c);
     await c.createResource({ name: "web", resource: "app", spec: { image: "a" } });
     const first = api.requests.length;
-
     api.fail({ match: "GET /resources/{type}/{name}", status: 502, body: "Bad Gateway" });
     api.fail({ match: "GET /resources/{type}/{name}", status: 504, body: { error: "timeout" } });
-    const web: Resource = await c.getResource("app", "web");
-    assert.equal(web.name, "web");
+    assert.equal((await c.getResource("app", "web")).name, "web");
+    api.fail({ match: "GET /resources/{type}/{name}", drop: true });
+    api.fail({ match: "GET /resources/{type}/{name}", delay: 1_000 });
+    assert.equal((await c.getResource("app", "web")).name, "web");
+    api.fail({ match: "GET /resources/{type}", status: 429, body: "slow down" });
+    assert.equal((await c.listResources("app")).length, 1);
+    assert.deepEqual(api.requests.slice(first).map((r) => r.operation), [
+      ...Array(6).fill("GET /resources/{type}/{name}"),
+      "GET /resources/{type}",
+      "GET /resources/{type}",
+    ]);
+  });
 
+  it("does not repeat a PUT or DELETE that may have reached the server: one update, one version", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { timeout: 200 });
+    await seed(c);
+    await c.createResource({ name: "web", resource: "app", spec: { image: "a" } });
+    const web = await c.getResource("app", "web");
+    const first = api.requests.length;
+    // The server takes the PUT but answers after the client's timeout: as
+    // on the real server, it stored a version and published an `update`.
+    api.fail({ match: "PUT /resources/{type}/{name}", delay: 600 });
+    const late = await rejection(c.updateResource("app", "web", { ...web, spec: { image: "b" } }));
+    assert.ok(late instanceof ApiTimeoutError);
+    await waitFor(() => api.resources.get("app/web")?.length === 2);
+    api.fail({ match: "PUT /resources/{type}/{name}", status: 503, body: { error: "busy" } });
+    assert.equal(apiError(await rejection(c.updateResource("app", "web", web))).status, 503);
     api.fail({ match: "PUT /resources/{type}/{name}", drop: true });
-    api.fail({ match: "PUT /resources/{type}/{name}", delay: 1_000 });
-    await c.updateResource("app", "web", { ...web, spec: { image: "b" } });
-
-    api.fail({ match: "DELETE /resources/{type}/{name}", status: 429, body: "slow down" });
-    await c.deleteResource("app", "web");
-
-    const ops = api.requests.slice(first).map((r) => r.operation);
-    assert.deepEqual(ops, [
-      "GET /resources/{type}/{name}",
-      "GET /resources/{type}/{name}",
-      "GET /resources/{type}/{name}",
-      "PUT /resources/{type}/{name}",
-      "PUT /resources/{type}/{name}",
-      "PUT /resources/{type}/{name}",
-      "DELETE /resources/{type}/{name}",
+    assert.ok(await rejection(c.updateResource("app", "web", web)) instanceof ApiNetworkError);
+    api.fail({ match: "DELETE /resources/{type}/{name}", status: 502, body: "Bad Gateway" });
+    assert.equal(apiError(await rejection(c.deleteResource("app", "web"))).status, 502);
+    await sleep(700);
+    assert.equal(
+      api.resources.get("app/web")?.length,
+      2,
+      "versions 1 and 2 only: no second update",
+    );
+    assert.deepEqual(api.requests.slice(first).map((r) => r.operation), [
+      ...Array(3).fill("PUT /resources/{type}/{name}"),
       "DELETE /resources/{type}/{name}",
     ]);
+  });
+
+  it("retries a PUT like a GET when the call says it may repeat (idempotent: true)", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    await seed(c);
+    await c.createResource({ name: "web", resource: "app", spec: { image: "a" } });
+    const web = await c.getResource("app", "web");
+    const first = api.requests.length;
+    api.fail({ match: "PUT /resources/{type}/{name}", status: 503, body: { error: "busy" } });
+    await c.updateResource("app", "web", { ...web, spec: { image: "b" } }, { idempotent: true });
+    assert.equal(api.requests.length - first, 2);
+  });
+
+  it("retries any method that provably never reached the server (connection refused)", async () => {
+    await using api = await startTestApiServer();
+    const closed = await closedPort();
+    let calls = 0;
+    // The first attempt really connects to a closed port; the next ones reach the server.
+    const c = new Client({
+      baseUrl: api.url,
+      retry: { initialDelay: 10 },
+      fetch: (input, init) => {
+        const url = new URL(String(input instanceof Request ? input.url : input));
+        if (calls++ === 0) url.port = String(closed);
+        return fetch(url, init);
+      },
+    });
+    await seed(c); // two POSTs
+    assert.equal(calls, 3, "the first refused, then both sent");
+    assert.equal(api.requests.length, 2, "each reached the server once");
+    const err = await rejection(
+      new Client({ baseUrl: `http://127.0.0.1:${closed}`, retry: { attempts: 1 } }).createLog({
+        runid: "r",
+        driver: "d",
+        timestamp: "t",
+        message: "m",
+      }),
+    );
+    assert.ok(err instanceof ApiNetworkError && err.notSent, `${err}`);
   });
 
   it("stops after `attempts` and throws the last error", async () => {

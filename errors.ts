@@ -227,13 +227,22 @@ export class ApiNetworkError extends ConveyorError {
   readonly method: string;
   /** Path of the request. */
   readonly path: string;
+  /**
+   * True when the request provably never reached the server (connection
+   * refused, name not resolved): sending it again cannot repeat its work.
+   */
+  readonly notSent: boolean;
   /** Creates the error; `cause` is the error `fetch` threw. */
-  constructor(init: { method: string; path: string }, options?: ErrorOptions) {
+  constructor(
+    init: { method: string; path: string; notSent?: boolean },
+    options?: ErrorOptions,
+  ) {
     const why = options?.cause instanceof Error ? `: ${options.cause.message}` : "";
     super(`${init.method} ${init.path}: network error${why}`, options);
     this.name = "ApiNetworkError";
     this.method = init.method;
     this.path = init.path;
+    this.notSent = init.notSent ?? false;
   }
 }
 
