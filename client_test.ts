@@ -6,7 +6,7 @@ import * as v from "valibot";
 import { Client, type ClientOptions, OPERATIONS, type TokenSource } from "./client.ts";
 import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
 import { startTestApiServer, type TestApiServer } from "./test_api_server.ts";
-import type { LogEntry, Pipeline, Resource } from "./types.ts";
+import type { LogEntry, Pipeline } from "./types.ts";
 import { createServer } from "node:net";
 
 /** A port nothing listens on (bound, then released). */
