@@ -101,6 +101,13 @@ export interface ClientOptions {
    * @default 10
    */
   streamMaxRetries?: number;
+  /**
+   * How long a connected log stream may stay silent before it is given up
+   * and reconnected, in ms: about three of the server's 15 s heartbeats
+   * (see `SseOptions.idleTimeout`). 0 or `Infinity`: wait for ever.
+   * @default 45_000
+   */
+  streamIdleTimeout?: number;
 }
 
 /** The last parameter of every request method. */
@@ -271,6 +278,7 @@ export class Client {
   #headers: Record<string, string>;
   #streamConnectTimeout: number;
   #streamMaxRetries: number;
+  #streamIdleTimeout: number;
 
   /** Creates a client; nothing is sent until a method is called. */
   constructor(options: ClientOptions = {}) {
@@ -291,6 +299,7 @@ export class Client {
     this.#headers = { ...options.headers };
     this.#streamConnectTimeout = options.streamConnectTimeout ?? 30_000;
     this.#streamMaxRetries = options.streamMaxRetries ?? 10;
+    this.#streamIdleTimeout = options.streamIdleTimeout ?? 45_000;
   }
 
   // --- health -------------------------------------------------------------
@@ -654,6 +663,7 @@ export class Client {
       signal,
       connectTimeout: this.#streamConnectTimeout,
       maxRetries: this.#streamMaxRetries,
+      idleTimeout: this.#streamIdleTimeout,
       initialDelay: this.#initialDelay,
       maxDelay: this.#maxDelay,
       key: logKey,

@@ -670,7 +670,7 @@ describe("Client: log streams", () => {
     await waitFor(() => api.requests.length === 2);
     await api.waitForStreams(1);
     api.pushLog({ runid: runId, driver: "a", timestamp: "1", message: "same" }); // a true repeat
-    await assert.rejects(done, { name: "AbortError" });
+    await done; // aborting ends the loop quietly
     assert.deepEqual(got.map((l) => `${l.driver}:${l.message}`), [
       "a:same",
       "b:same",

@@ -8,7 +8,7 @@
  */
 import { createParser } from "eventsource-parser";
 import { ApiNetworkError, ApiTimeoutError, ConveyorApiError, ConveyorError } from "./errors.ts";
-import { backoff, httpErrorText, parseRetryAfter, sleep } from "./_util.ts";
+import { backoff, httpErrorText, MAX_TIMER_MS, parseRetryAfter, sleep } from "./_util.ts";
 
 /** One Server-Sent Event. Comments (`: heartbeat`) are not events. */
 export interface SseEvent {
@@ -40,16 +40,27 @@ export interface SseOptions {
    * `Last-Event-ID` are set by the reader.
    */
   headers?: () => RequestInit["headers"] | Promise<RequestInit["headers"]>;
-  /** Aborting it closes the stream; the iteration then rejects with its reason. */
+  /**
+   * Aborting it closes the stream and ends the iteration quietly (the
+   * `for await` loop finishes; nothing is thrown), also while connecting or
+   * waiting to reconnect.
+   */
   signal?: AbortSignal;
   /**
    * How long to wait for the response headers of one connect, in ms. Some
    * servers (Conveyor's among them) send headers only with the first event or
-   * heartbeat, so keep this above their heartbeat interval. There is no idle
-   * timeout once connected.
+   * heartbeat, so keep this above their heartbeat interval.
    * @default 30_000
    */
   connectTimeout?: number;
+  /**
+   * Once connected, how long the stream may stay silent (no event, no
+   * comment, no byte) before the reader gives the connection up and
+   * reconnects, in ms: about three of the Conveyor server's 15 s heartbeats.
+   * 0 or `Infinity`: wait for ever.
+   * @default 45_000
+   */
+  idleTimeout?: number;
   /**
    * Identity of an event's data, to drop what a server replays after a
    * reconnect. The reader counts how many events of each key it has yielded;
@@ -69,13 +80,23 @@ export interface SseOptions {
    */
   maxRetries?: number;
   /**
-   * Delay before the first reconnect, in ms, doubled on each further failed
-   * attempt (±20% jitter). A `retry:` field from the server replaces it.
+   * Delay before the first reconnect, in ms, doubled on each further attempt
+   * (±20% jitter) until a connection stays up for `stableAfter`. A `retry:`
+   * field from the server replaces it, kept within `minDelay` and `maxDelay`.
    * @default 250
    */
   initialDelay?: number;
-  /** Upper bound of the reconnect delay, in ms (a larger server `retry:` wins). @default 5_000 */
+  /** Lower bound of the reconnect delay, in ms, whatever the server's `retry:` says. @default 250 */
+  minDelay?: number;
+  /** Upper bound of the reconnect delay, in ms (a `Retry-After` may ask for more). @default 5_000 */
   maxDelay?: number;
+  /**
+   * How long a connection must stay up for the reconnect delay to start
+   * over from `initialDelay`, in ms: a server that sends a heartbeat and
+   * closes at once is reconnected to ever more slowly, not in a loop.
+   * @default 10_000
+   */
+  stableAfter?: number;
   /** Called before each reconnect, e.g. to log it. */
   onReconnect?: (info: SseReconnectInfo) => void;
 }
@@ -117,6 +138,10 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
   const maxRetries = o.maxRetries ?? 10;
   const initialDelay = o.initialDelay ?? 250;
   const maxDelay = o.maxDelay ?? 5_000;
+  const minDelay = Math.min(o.minDelay ?? 250, maxDelay);
+  const stableAfter = o.stableAfter ?? 10_000;
+  const idle = o.idleTimeout ?? 45_000;
+  const idleTimeout = idle > 0 && idle < MAX_TIMER_MS ? idle : undefined;
   const signal = o.signal;
   const path = url.pathname;
   const where = { method: "GET", path };
@@ -125,9 +150,11 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
   let lastId: string | undefined;
   let serverRetry: number | undefined;
   let failures = 0;
+  // Connections in a row that did not stay up `stableAfter`.
+  let flaps = 0;
 
   while (true) {
-    signal?.throwIfAborted();
+    if (signal?.aborted) return;
     // Asked for outside the error handling below: a token that cannot be
     // made is not a connection problem, and retrying would not help.
     const headers = new Headers(await o.headers?.());
@@ -145,6 +172,9 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
     let progress = false;
     let retryAfter: number | undefined;
     let error: unknown;
+    let connectedAt: number | undefined;
+    let idleExpired = false;
+    let idleTimer: ReturnType<typeof setTimeout> | undefined;
     try {
       let timedOut = false;
       const timer = setTimeout(() => {
@@ -155,7 +185,7 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
       try {
         res = await doFetch(url, { headers, signal: conn.signal });
       } catch (err) {
-        if (signal?.aborted) throw signal.reason;
+        if (signal?.aborted) return;
         throw timedOut
           ? new ApiTimeoutError({ ...where, timeout: connectTimeout }, { cause: err })
           : new ApiNetworkError(where, { cause: err });
@@ -186,7 +216,25 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
       }
       if (!res.body) throw new ApiNetworkError(where, { cause: new Error("response has no body") });
       reader = res.body.getReader();
-
+      connectedAt = Date.now();
+      let lastData = connectedAt;
+      if (idleTimeout !== undefined) {
+        // One timer per connection, pushed back lazily rather than re-armed per chunk.
+        const check = () => {
+          const quiet = Date.now() - lastData;
+          if (quiet < idleTimeout) idleTimer = setTimeout(check, idleTimeout - quiet);
+          else {
+            conn.abort();
+            reader?.cancel(
+              new ApiTimeoutError({ ...where, timeout: idleTimeout }, {
+                cause: new Error(`no data for ${idleTimeout} ms`),
+              }),
+            ).catch(() => {});
+            idleExpired = true;
+          }
+        };
+        idleTimer = setTimeout(check, idleTimeout);
+      }
       const seen = new Map<string, number>(); // events of this connection, by key
       const queue: SseEvent[] = [];
       const parser = createParser({
@@ -210,6 +258,7 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
       while (true) {
         const { done, value } = await reader.read();
         if (done) break;
+        lastData = Date.now();
         parser.feed(decoder.decode(value, { stream: true }));
         while (queue.length > 0) {
           const ev = queue.shift()!;
@@ -232,13 +281,20 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
       }
       // An incomplete event at the end is dropped (as the SSE spec says): a
       // replaying server sends it again, and otherwise it is lost anyway.
-      signal?.throwIfAborted();
-      error = new ApiNetworkError(where, { cause: new Error("the server closed the stream") });
+      if (signal?.aborted) return;
+      error = idleExpired
+        ? new ApiTimeoutError({ ...where, timeout: idleTimeout! })
+        : new ApiNetworkError(where, { cause: new Error("the server closed the stream") });
     } catch (err) {
-      if (signal?.aborted) throw signal.reason;
+      if (signal?.aborted) return;
       if (err instanceof Fatal) throw err.error;
-      error = err instanceof ConveyorError ? err : new ApiNetworkError(where, { cause: err });
+      error = idleExpired
+        ? new ApiTimeoutError({ ...where, timeout: idleTimeout! }, { cause: err })
+        : err instanceof ConveyorError
+        ? err
+        : new ApiNetworkError(where, { cause: err });
     } finally {
+      clearTimeout(idleTimer);
       signal?.removeEventListener("abort", onAbort);
       // Closes the connection when the loop ended early (break, throw) or the
       // stream failed; harmless once it ended.
@@ -249,14 +305,22 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
     if (progress) failures = 0;
     failures++;
     if (failures > maxRetries) throw error;
-    const base = serverRetry ?? initialDelay;
-    let delay = backoff(failures, {
-      retryDelay: base,
-      retryMaxDelay: Math.max(maxDelay, base),
-    });
+    // Only a connection that stayed up a while starts the delays over.
+    if (connectedAt !== undefined && Date.now() - connectedAt >= stableAfter) flaps = 0;
+    flaps++;
+    const base = Math.min(maxDelay, Math.max(minDelay, serverRetry ?? initialDelay));
+    let delay = Math.max(
+      minDelay,
+      backoff(Math.max(failures, flaps), { retryDelay: base, retryMaxDelay: maxDelay }),
+    );
     if (retryAfter !== undefined) delay = Math.max(delay, retryAfter);
     o.onReconnect?.({ attempt: failures, delay, error });
-    await sleep(delay, signal);
+    try {
+      await sleep(delay, signal);
+    } catch (err) {
+      if (signal?.aborted) return;
+      throw err;
+    }
   }
 }
 

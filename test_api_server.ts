@@ -79,7 +79,8 @@ export interface SseBehaviour {
   ids: boolean;
   /**
    * One entry per future connection, in order: that connection is dropped
-   * after writing this many events (replayed ones included).
+   * after writing this many events (replayed ones included); 0 drops it
+   * right after the heartbeat and `retry:` it starts with.
    */
   dropAfter: number[];
 }
@@ -347,6 +348,11 @@ export async function startTestApiServer(
     const nl = sse.lineEnding;
     if (sse.heartbeatFirst) write(s, `: heartbeat${nl}${nl}`);
     if (sse.retry !== undefined) write(s, `retry: ${sse.retry}${nl}${nl}`);
+    if (s.dropAfter === 0) {
+      // A flapping proxy: the preamble (a heartbeat, `retry:`), then gone.
+      s.chain = s.chain.then(() => sleep(5)).then(() => kill(s));
+      return;
+    }
     for (const l of logs) {
       if (s.closed) break;
       if (l.runid === runId && (driver === undefined || l.driver === driver)) {
