@@ -146,12 +146,55 @@ export function httpErrorText(res: Response, body: string): string {
     try {
       const json = JSON.parse(text) as Record<string, unknown>;
       const msg = json.error ?? json.message;
-      if (typeof msg === "string" && msg !== "") return msg;
+      if (typeof msg === "string" && msg !== "") return truncate(msg, MAX_ERROR_TEXT);
     } catch {
       // not JSON after all: use the text
     }
   }
-  return text || res.statusText || `HTTP ${res.status}`;
+  return truncate(text, MAX_ERROR_TEXT) || res.statusText || `HTTP ${res.status}`;
+}
+
+/** Longest server error text an error carries, in characters. */
+export const MAX_ERROR_TEXT = 2_000;
+/** Most bytes of an error response's body that are read. */
+export const MAX_ERROR_BODY = 64 * 1024;
+
+/** `text` cut to `max` characters, saying how much was left out. */
+export function truncate(text: string, max: number): string {
+  return text.length <= max
+    ? text
+    : `${text.slice(0, max)}… [${text.length - max} more characters]`;
+}
+
+/**
+ * Reads a response body as text, at most `max` bytes: the rest is not read
+ * (the body is cancelled) and `truncated` says so. Bounds what a server or
+ * proxy can make the client hold.
+ */
+export async function readText(
+  res: Response,
+  max: number,
+): Promise<{ text: string; truncated: boolean }> {
+  if (!res.body) return { text: "", truncated: false };
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let text = "";
+  let bytes = 0;
+  try {
+    while (true) {
+      const { done, value } = await reader.read();
+      if (done) return { text: text + decoder.decode(), truncated: false };
+      if (bytes + value.length > max) {
+        text += decoder.decode(value.subarray(0, max - bytes));
+        await reader.cancel().catch(() => {});
+        return { text, truncated: true };
+      }
+      bytes += value.length;
+      text += decoder.decode(value, { stream: true });
+    }
+  } finally {
+    reader.releaseLock();
+  }
 }
 
 /**

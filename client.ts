@@ -15,7 +15,15 @@
 import * as v from "valibot";
 import { context, propagation, type TextMapSetter } from "@opentelemetry/api";
 import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
-import { backoff, httpErrorText, parseRetryAfter, readEnv, sleep } from "./_util.ts";
+import {
+  backoff,
+  httpErrorText,
+  MAX_ERROR_BODY,
+  parseRetryAfter,
+  readEnv,
+  readText,
+  sleep,
+} from "./_util.ts";
 import { readSse } from "./sse.ts";
 import {
   type BroadcastMessage,
@@ -184,6 +192,8 @@ export const OPERATIONS: Readonly<Record<string, keyof Client>> = Object.freeze(
 /** Methods that start no work on the server: a repeat is harmless. */
 const SAFE = new Set(["GET", "HEAD", "OPTIONS"]);
 const RETRY_STATUS = new Set([429, 502, 503, 504]);
+/** Largest response body the client reads, in bytes. */
+const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
 /** `Retry-After` of a failed attempt, by its error. */
 const retryAfterOf = new WeakMap<Error, number>();
 
@@ -765,9 +775,11 @@ export class Client {
     signal?.addEventListener("abort", onAbort, { once: true });
     let res: Response;
     let text: string;
+    let truncated: boolean;
     try {
       res = await this.#fetch(url, { method, headers, body, signal: ctl.signal });
-      text = await res.text();
+      // An error's body is read only as far as its message needs; an answer, up to a bound.
+      ({ text, truncated } = await readText(res, res.ok ? MAX_RESPONSE_BYTES : MAX_ERROR_BODY));
     } catch (err) {
       if (signal?.aborted) throw signal.reason;
       if (timedOut) {
@@ -779,6 +791,14 @@ export class Client {
       signal?.removeEventListener("abort", onAbort);
     }
 
+    if (res.ok && truncated) {
+      throw new ConveyorApiError({
+        status: res.status,
+        error: `response body over ${MAX_RESPONSE_BYTES} bytes`,
+        method,
+        path,
+      });
+    }
     if (!res.ok) {
       const err = new ConveyorApiError({
         status: res.status,

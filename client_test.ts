@@ -549,6 +549,19 @@ describe("Client: retries", () => {
     assert.ok(err instanceof ApiNetworkError && err.notSent, `${err}`);
   });
 
+  it("keeps an error's text short, whatever the server sends", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { retry: { attempts: 1 } });
+    api.fail({ status: 500, body: { error: `boom ${"x".repeat(50_000)}` } });
+    const json = apiError(await rejection(c.health()));
+    assert.ok(json.error.startsWith("boom xxx"));
+    assert.ok(json.error.length < 2_100, `${json.error.length} characters`);
+    api.fail({ status: 502, body: "y".repeat(5_000_000) });
+    const text = apiError(await rejection(c.health()));
+    assert.ok(text.error.length < 2_100, `${text.error.length} characters`);
+    assert.ok(text.message.length < 2_200);
+  });
+
   it("stops after `attempts` and throws the last error", async () => {
     await using api = await startTestApiServer();
     const c = client(api, { retry: { attempts: 3, initialDelay: 1 } });

@@ -8,7 +8,15 @@
  */
 import { createParser } from "eventsource-parser";
 import { ApiNetworkError, ApiTimeoutError, ConveyorApiError, ConveyorError } from "./errors.ts";
-import { backoff, httpErrorText, MAX_TIMER_MS, parseRetryAfter, sleep } from "./_util.ts";
+import {
+  backoff,
+  httpErrorText,
+  MAX_ERROR_BODY,
+  MAX_TIMER_MS,
+  parseRetryAfter,
+  readText,
+  sleep,
+} from "./_util.ts";
 
 /** One Server-Sent Event. Comments (`: heartbeat`) are not events. */
 export interface SseEvent {
@@ -67,9 +75,17 @@ export interface SseOptions {
    * on a new connection it yields an event only once that connection has sent
    * more events of its key than were yielded before, so lines repeated on
    * purpose still come through. Without `key`, nothing is dropped. The
-   * counts live as long as the iteration: one entry per distinct key.
+   * counts live as long as the iteration: one entry per distinct key, held
+   * as a 53-bit hash of it (two numbers, whatever the event's size).
    */
   key?: (data: string) => string;
+  /**
+   * Largest event (or run of bytes without one) the reader buffers, in
+   * bytes; a larger one ends the iteration with a `ConveyorApiError`, since a
+   * replay would send it again.
+   * @default 8 MiB
+   */
+  maxEventBytes?: number;
   /**
    * How many consecutive attempts may fail before the iteration rejects with
    * the last error. An attempt fails when it cannot connect, gets a 5xx, 408
@@ -142,11 +158,12 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
   const stableAfter = o.stableAfter ?? 10_000;
   const idle = o.idleTimeout ?? 45_000;
   const idleTimeout = idle > 0 && idle < MAX_TIMER_MS ? idle : undefined;
+  const maxEventBytes = o.maxEventBytes ?? 8 * 1024 * 1024;
   const signal = o.signal;
   const path = url.pathname;
   const where = { method: "GET", path };
-  // Events yielded so far, by key, across connections.
-  const yielded = new Map<string, number>();
+  // Events yielded so far, by the hash of their key, across connections.
+  const yielded = new Map<number, number>();
   let lastId: string | undefined;
   let serverRetry: number | undefined;
   let failures = 0;
@@ -194,7 +211,8 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
       }
       if (!res.ok) {
         retryAfter = parseRetryAfter(res.headers.get("retry-after"));
-        const text = await res.text().catch(() => "");
+        const { text } = await readText(res, MAX_ERROR_BODY)
+          .catch(() => ({ text: "" }));
         const apiError = new ConveyorApiError({
           status: res.status,
           error: httpErrorText(res, text),
@@ -235,7 +253,7 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
         };
         idleTimer = setTimeout(check, idleTimeout);
       }
-      const seen = new Map<string, number>(); // events of this connection, by key
+      const seen = new Map<number, number>(); // events of this connection, by key hash
       const queue: SseEvent[] = [];
       const parser = createParser({
         onEvent(ev) {
@@ -252,21 +270,36 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
         },
         onComment() {
           progress = true;
+          sawComment = true;
         },
       });
       const decoder = new TextDecoder();
+      let sawComment = false;
+      // Bytes since the last event or comment: what the parser may be holding.
+      let pending = 0;
       while (true) {
         const { done, value } = await reader.read();
         if (done) break;
         lastData = Date.now();
+        sawComment = false;
         parser.feed(decoder.decode(value, { stream: true }));
+        pending = queue.length > 0 || sawComment ? 0 : pending + value.length;
+        if (pending > maxEventBytes) {
+          throw new Fatal(
+            new ConveyorApiError({
+              status: res.status,
+              error: `the stream sent over ${maxEventBytes} bytes without completing an event`,
+              ...where,
+            }),
+          );
+        }
         while (queue.length > 0) {
           const ev = queue.shift()!;
           progress = true;
           if (o.key) {
-            let k: string;
+            let k: number;
             try {
-              k = o.key(ev.data);
+              k = hash53(o.key(ev.data));
             } catch (err) {
               throw new Fatal(err); // a bug in `key`, not a connection problem
             }
@@ -322,6 +355,24 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
       throw err;
     }
   }
+}
+
+/**
+ * A 53-bit hash of a string (cyrb53): the duplicate filter keeps this
+ * instead of each event's text. Two distinct lines share one with a
+ * chance of about n²/2^54.
+ */
+function hash53(text: string): number {
+  let h1 = 0xdeadbeef;
+  let h2 = 0x41c6ce57;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    h1 = Math.imul(h1 ^ c, 2654435761);
+    h2 = Math.imul(h2 ^ c, 1597334677);
+  }
+  h1 = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+  h2 = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(h1 ^ (h1 >>> 13), 3266489909);
+  return 4294967296 * (2097151 & h2) + (h1 >>> 0);
 }
 
 /** Wraps an error that must end the iteration without a reconnect. */

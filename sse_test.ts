@@ -361,6 +361,39 @@ describe("readSse", () => {
     }
   });
 
+  it("ends with an error when the stream sends more than maxEventBytes without an event", async () => {
+    // A broken proxy: one endless line, never a blank line to end the event.
+    const endless = (): Promise<Response> => {
+      let sent = 0;
+      const body = new ReadableStream<Uint8Array>({
+        pull(c) {
+          if (sent++ === 0) c.enqueue(new TextEncoder().encode("data: "));
+          else c.enqueue(new Uint8Array(64 * 1024).fill(0x61));
+          if (sent > 1_000) c.close();
+        },
+      });
+      return Promise.resolve(
+        new Response(body, { headers: { "Content-Type": "text/event-stream" } }),
+      );
+    };
+    const err = await take("http://conveyor.test/logs/pipeline/x", 1, {
+      fetch: endless,
+      maxEventBytes: 1024 * 1024,
+    }).then(() => assert.fail("no error"), (e) => e);
+    assert.ok(err instanceof ConveyorApiError, String(err));
+    assert.match(err.error, /over 1048576 bytes without completing an event/);
+  });
+
+  it("reads at most 64 KiB of an error answer, and keeps 2,000 characters of its text", async () => {
+    await using api = await startTestApiServer();
+    api.fail({ status: 400, body: { error: "x".repeat(5_000_000) } });
+    const err = await take(streamUrl(api, "r"), 1).then(() => assert.fail("no error"), (e) => e);
+    assert.ok(err instanceof ConveyorApiError);
+    // The JSON is cut at 64 KiB, so it is shown as text, cut again.
+    assert.ok(err.error.length < 2_100, `${err.error.length} characters`);
+    assert.match(err.error, /more characters\]$/);
+  });
+
   it("refuses a 2xx answer that is not an event stream", async () => {
     await using api = await startTestApiServer();
     api.fail({ status: 200, body: { not: "sse" } });
