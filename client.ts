@@ -14,11 +14,12 @@
  */
 import * as v from "valibot";
 import { context, propagation, type TextMapSetter } from "@opentelemetry/api";
-import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
+import { ApiNetworkError, ApiTimeoutError, ConfigError, ConveyorApiError } from "./errors.ts";
 import {
   backoff,
   httpErrorText,
   MAX_ERROR_BODY,
+  MAX_TIMER_MS,
   parseRetryAfter,
   readEnv,
   readText,
@@ -293,8 +294,8 @@ export class Client {
   /** Creates a client; nothing is sent until a method is called. */
   constructor(options: ClientOptions = {}) {
     const base = options.baseUrl ?? readEnv("CONVEYOR_API_URL") ?? "http://localhost:8080";
-    new URL(base); // throws a TypeError now rather than on the first request
-    this.baseUrl = base.replace(/\/+$/, "");
+    // Checked now rather than on the first request.
+    this.baseUrl = checkBaseUrl(base);
     this.#auth = options.auth;
     // Never called as a method: some runtimes' fetch throws when `this` is
     // not the global object.
@@ -302,14 +303,24 @@ export class Client {
     this.#fetch = custom
       ? (input, init) => custom(input, init)
       : (input, init) => fetch(input, init);
-    this.#timeout = options.timeout ?? 30_000;
-    this.#attempts = Math.max(1, options.retry?.attempts ?? 3);
-    this.#initialDelay = options.retry?.initialDelay ?? 250;
-    this.#maxDelay = options.retry?.maxDelay ?? 5_000;
+    this.#timeout = duration("timeout", options.timeout, 30_000, { infinite: true });
+    this.#attempts = count("retry.attempts", options.retry?.attempts, 3, 1);
+    this.#initialDelay = duration("retry.initialDelay", options.retry?.initialDelay, 250, {
+      zero: true,
+    });
+    this.#maxDelay = duration("retry.maxDelay", options.retry?.maxDelay, 5_000, {});
     this.#headers = { ...options.headers };
-    this.#streamConnectTimeout = options.streamConnectTimeout ?? 30_000;
-    this.#streamMaxRetries = options.streamMaxRetries ?? 10;
-    this.#streamIdleTimeout = options.streamIdleTimeout ?? 45_000;
+    this.#streamConnectTimeout = duration(
+      "streamConnectTimeout",
+      options.streamConnectTimeout,
+      30_000,
+      { infinite: true },
+    );
+    this.#streamMaxRetries = count("streamMaxRetries", options.streamMaxRetries, 10, 0, true);
+    this.#streamIdleTimeout = duration("streamIdleTimeout", options.streamIdleTimeout, 45_000, {
+      zero: true,
+      infinite: true,
+    });
   }
 
   // --- health -------------------------------------------------------------
@@ -767,7 +778,7 @@ export class Client {
     signal?.throwIfAborted();
     const ctl = new AbortController();
     let timedOut = false;
-    const timer = setTimeout(() => {
+    const timer = this.#timeout === Infinity ? undefined : setTimeout(() => {
       timedOut = true;
       ctl.abort(new ApiTimeoutError({ method, path, timeout: this.#timeout }));
     }, this.#timeout);
@@ -827,6 +838,73 @@ export class Client {
       }, { cause: err });
     }
   }
+}
+
+/**
+ * The base URL without trailing slashes; a `ConfigError` for one that is not
+ * http(s), or has a query or fragment (paths are appended to it).
+ */
+function checkBaseUrl(base: string): string {
+  let url: URL;
+  try {
+    url = new URL(base);
+  } catch (err) {
+    throw new ConfigError("baseUrl", `baseUrl "${base}" is not a URL`, { cause: err });
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") {
+    throw new ConfigError("baseUrl", `baseUrl "${base}" is not http or https`);
+  }
+  if (url.search || url.hash || /[?#]/.test(base)) {
+    throw new ConfigError(
+      "baseUrl",
+      `baseUrl "${base}" has a query or fragment: request paths are appended to it`,
+    );
+  }
+  return base.replace(/\/+$/, "");
+}
+
+/**
+ * A duration option in ms, checked: a `ConfigError` for a negative or NaN
+ * one, or one of 2^31 ms or more (timers fire at once beyond it); `Infinity`
+ * and 0 only where allowed.
+ */
+function duration(
+  field: string,
+  value: number | undefined,
+  fallback: number,
+  allow: { zero?: boolean; infinite?: boolean },
+): number {
+  if (value === undefined) return fallback;
+  if (
+    typeof value !== "number" || Number.isNaN(value) || value < 0 || (value === 0 && !allow.zero)
+  ) {
+    throw new ConfigError(field, `${field} must be a positive number of ms, got ${value}`);
+  }
+  if (value === Infinity) {
+    if (allow.infinite) return Infinity;
+    throw new ConfigError(field, `${field} cannot be Infinity`);
+  }
+  if (value >= MAX_TIMER_MS) {
+    throw new ConfigError(
+      field,
+      `${field} of ${value} ms is 2^31 ms or more, which timers cannot wait` +
+        (allow.infinite ? "; use Infinity for no limit" : ""),
+    );
+  }
+  return value;
+}
+
+/** A count option, checked: an integer of at least `min` (or `Infinity` where allowed). */
+function count(
+  field: string,
+  value: number | undefined,
+  fallback: number,
+  min: number,
+  infinite = false,
+): number {
+  if (value === undefined) return fallback;
+  if ((value === Infinity && infinite) || (Number.isInteger(value) && value >= min)) return value;
+  throw new ConfigError(field, `${field} must be an integer of at least ${min}, got ${value}`);
 }
 
 /** Whether a failed request provably never reached the server. */

@@ -4,7 +4,7 @@ import { existsSync, readFileSync } from "node:fs";
 import process from "node:process";
 import * as v from "valibot";
 import { Client, type ClientOptions, OPERATIONS, type TokenSource } from "./client.ts";
-import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
+import { ApiNetworkError, ApiTimeoutError, ConfigError, ConveyorApiError } from "./errors.ts";
 import { startTestApiServer, type TestApiServer } from "./test_api_server.ts";
 import type { LogEntry, Pipeline } from "./types.ts";
 import { createServer } from "node:net";
@@ -275,6 +275,38 @@ describe("Client: requests", () => {
     assert.equal(api.messages[0].event, "ping");
   });
 
+  it("refuses durations timers cannot wait and counts that make no sense, naming the option", () => {
+    const field = (o: ClientOptions) => {
+      try {
+        new Client({ baseUrl: "http://x", ...o });
+      } catch (e) {
+        assert.ok(e instanceof ConfigError, String(e));
+        return e.field;
+      }
+      return "accepted";
+    };
+    assert.equal(field({ timeout: 2 ** 31 }), "timeout");
+    assert.equal(field({ timeout: -1 }), "timeout");
+    assert.equal(field({ timeout: Number.NaN }), "timeout");
+    assert.equal(field({ timeout: Infinity }), "accepted", "Infinity: no limit");
+    assert.equal(field({ streamConnectTimeout: 2 ** 40 }), "streamConnectTimeout");
+    assert.equal(field({ streamIdleTimeout: 0 }), "accepted", "0: no idle timeout");
+    assert.equal(field({ streamIdleTimeout: 2 ** 31 }), "streamIdleTimeout");
+    assert.equal(field({ retry: { maxDelay: Infinity } }), "retry.maxDelay");
+    assert.equal(field({ retry: { initialDelay: -5 } }), "retry.initialDelay");
+    assert.equal(field({ retry: { attempts: 0 } }), "retry.attempts");
+    assert.equal(field({ retry: { attempts: 2.5 } }), "retry.attempts");
+    assert.equal(field({ streamMaxRetries: Infinity }), "accepted");
+    assert.equal(field({ streamMaxRetries: -1 }), "streamMaxRetries");
+  });
+
+  it("with timeout: Infinity, waits for a slow answer rather than timing out at once", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api, { timeout: Infinity, retry: { attempts: 1 } });
+    api.fail({ delay: 300 });
+    assert.equal((await c.health()).status, "healthy");
+  });
+
   it("takes the base URL from CONVEYOR_API_URL, else localhost:8080, and keeps a path prefix", async () => {
     const before = process.env.CONVEYOR_API_URL;
     try {
@@ -287,7 +319,13 @@ describe("Client: requests", () => {
       if (before === undefined) delete process.env.CONVEYOR_API_URL;
       else process.env.CONVEYOR_API_URL = before;
     }
-    assert.throws(() => new Client({ baseUrl: "not a url" }), TypeError);
+    for (const bad of ["not a url", "ftp://x", "http://x/api?v=1", "http://x/#top", "http://x/?"]) {
+      assert.throws(
+        () => new Client({ baseUrl: bad }),
+        (e: unknown) => e instanceof ConfigError && e.field === "baseUrl",
+        bad,
+      );
+    }
 
     await using api = await startTestApiServer();
     const seen: string[] = [];

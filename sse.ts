@@ -194,10 +194,13 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
     let idleTimer: ReturnType<typeof setTimeout> | undefined;
     try {
       let timedOut = false;
-      const timer = setTimeout(() => {
-        timedOut = true;
-        conn.abort(new ApiTimeoutError({ ...where, timeout: connectTimeout }));
-      }, connectTimeout);
+      // Infinity (or a value no timer can wait): no connect timeout.
+      const timer = connectTimeout < MAX_TIMER_MS
+        ? setTimeout(() => {
+          timedOut = true;
+          conn.abort(new ApiTimeoutError({ ...where, timeout: connectTimeout }));
+        }, connectTimeout)
+        : undefined;
       let res: Response;
       try {
         res = await doFetch(url, { headers, signal: conn.signal });
