@@ -26,6 +26,7 @@ import {
   sleep,
 } from "./_util.ts";
 import { readSse } from "./sse.ts";
+import { authFromEnv, createIdentity, type Identity } from "./auth.ts";
 import {
   type BroadcastMessage,
   type BroadcastResponse,
@@ -84,8 +85,15 @@ export interface ClientOptions {
    * @default "http://localhost:8080"
    */
   baseUrl?: string;
-  /** Token source for `Authorization: Bearer …`, needed when the server has auth enabled. */
-  auth?: TokenSource;
+  /**
+   * Token source for `Authorization: Bearer …`, needed when the server has
+   * auth enabled: an `Identity` from `createIdentity`, or any `TokenSource`.
+   * When absent, the identity named by `CONVEYOR_CERT_FILE`,
+   * `CONVEYOR_KEY_FILE` and `CONVEYOR_CA_FILE` is used (as `serve()` does),
+   * read on the first request; `false` sends no token whatever the
+   * environment says.
+   */
+  auth?: TokenSource | false;
   /** The `fetch` to use, e.g. one with a custom TLS agent. @default globalThis.fetch */
   fetch?: typeof fetch;
   /**
@@ -296,7 +304,7 @@ export class Client {
     const base = options.baseUrl ?? readEnv("CONVEYOR_API_URL") ?? "http://localhost:8080";
     // Checked now rather than on the first request.
     this.baseUrl = checkBaseUrl(base);
-    this.#auth = options.auth;
+    this.#auth = options.auth === false ? undefined : options.auth ?? identityFromEnv();
     // Never called as a method: some runtimes' fetch throws when `this` is
     // not the global object.
     const custom = options.fetch;
@@ -905,6 +913,27 @@ function count(
   if (value === undefined) return fallback;
   if ((value === Infinity && infinite) || (Number.isInteger(value) && value >= min)) return value;
   throw new ConfigError(field, `${field} must be an integer of at least ${min}, got ${value}`);
+}
+
+/**
+ * The identity the environment names (`CONVEYOR_CERT_FILE`, …) as a token
+ * source, created on the first request (the constructor cannot wait for
+ * files); undefined when none is named. A failed creation is tried again
+ * on the next request.
+ */
+function identityFromEnv(): TokenSource | undefined {
+  const options = authFromEnv();
+  if (!options) return undefined;
+  let identity: Promise<Identity> | undefined;
+  return {
+    async token() {
+      identity ??= createIdentity(options).catch((err) => {
+        identity = undefined;
+        throw err;
+      });
+      return await (await identity).token();
+    },
+  };
 }
 
 /** Whether a failed request provably never reached the server. */

@@ -4,7 +4,16 @@ import { existsSync, readFileSync } from "node:fs";
 import process from "node:process";
 import * as v from "valibot";
 import { Client, type ClientOptions, OPERATIONS, type TokenSource } from "./client.ts";
-import { ApiNetworkError, ApiTimeoutError, ConfigError, ConveyorApiError } from "./errors.ts";
+import {
+  ApiNetworkError,
+  ApiTimeoutError,
+  AuthError,
+  ConfigError,
+  ConveyorApiError,
+} from "./errors.ts";
+import { makeTestPki } from "./test_pki.ts";
+import { X509Certificate } from "node:crypto";
+import { decodeProtectedHeader } from "jose";
 import { startTestApiServer, type TestApiServer } from "./test_api_server.ts";
 import type { LogEntry, Pipeline } from "./types.ts";
 import { createServer } from "node:net";
@@ -273,6 +282,45 @@ describe("Client: requests", () => {
     await c.broadcastMessage({ event: "ping", payload: '{"already":"json"}' });
     assert.equal(api.messages[0].payload, '{"already":"json"}');
     assert.equal(api.messages[0].event, "ping");
+  });
+
+  it("signs its requests with the identity CONVEYOR_CERT_FILE, _KEY_FILE and _CA_FILE name, as serve() does", async () => {
+    await using pki = await makeTestPki();
+    const leaf = pki.leaves.p256;
+    const vars = {
+      CONVEYOR_CERT_FILE: leaf.cert.path,
+      CONVEYOR_KEY_FILE: leaf.keys.pkcs8.path,
+      CONVEYOR_CA_FILE: pki.ca.cert.path,
+    };
+    const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, process.env[k]]));
+    // The stand-in server accepts a JWT whose x5c leaf is that certificate.
+    const leafDer = new X509Certificate(leaf.cert.pem).raw.toString("base64");
+    await using api = await startTestApiServer({
+      auth: (t) => {
+        try {
+          return decodeProtectedHeader(t).x5c?.[0] === leafDer;
+        } catch {
+          return false;
+        }
+      },
+    });
+    try {
+      Object.assign(process.env, vars);
+      const fromEnv = new Client({ baseUrl: api.url });
+      await fromEnv.createResourceDefinition({ name: "app", schema });
+      assert.match(api.requests.at(-1)!.headers.authorization ?? "", /^Bearer ey/);
+      const none = new Client({ baseUrl: api.url, auth: false, retry: { attempts: 1 } });
+      assert.equal(apiError(await rejection(none.getResourceDefinition("app"))).status, 401);
+      process.env.CONVEYOR_KEY_FILE = pki.other.leaf.keys.pkcs8.path; // not the leaf's key
+      const wrong = new Client({ baseUrl: api.url });
+      const err = await rejection(wrong.getResourceDefinition("app"));
+      assert.ok(err instanceof AuthError, `${err}`);
+    } finally {
+      for (const [k, v] of Object.entries(saved)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    }
   });
 
   it("refuses durations timers cannot wait and counts that make no sense, naming the option", () => {
