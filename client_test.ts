@@ -427,6 +427,13 @@ describe("Client: errors", () => {
     assert.equal(err.error, "Failed to find resource: resource not found");
     assert.equal(err.path, "/resources/app/ghost");
     assert.equal(api.requests.length, 1);
+    assert.equal(err.notFound, true, "told apart without matching text");
+    assert.equal(apiError(await rejection(c.getResourceDefinition("ghost"))).notFound, true);
+    await seed(c);
+    await c.createResource({ name: "web", resource: "app", spec: { image: "a" } });
+    assert.equal(apiError(await rejection(c.getResourceVersion("app", "web", 9))).notFound, true);
+    api.fail({ status: 500, body: { error: "Error getting logs" } });
+    assert.equal(apiError(await rejection(c.listLogs())).notFound, false);
   });
 
   it("plain-text error bodies: 404 of an unrouted path on the v0.6 server, 500, 400", async () => {
@@ -436,6 +443,7 @@ describe("Client: errors", () => {
       const err = apiError(await rejection(call()));
       assert.equal(err.status, 404);
       assert.match(err.error, /^Cannot GET \/(resources\/app|pipelines\/ci)$/);
+      assert.equal(err.notFound, false, "an unrouted path is not a missing thing");
     }
     api.fail({ status: 500, body: "Error getting logs\n" });
     const e500 = apiError(await rejection(c.listLogs()));

@@ -207,6 +207,23 @@ export class ConveyorApiError extends ConveyorError {
   readonly method: string;
   /** Path of the request, e.g. `/resources/pipeline/web`. */
   readonly path: string;
+  /**
+   * The server says what was asked for does not exist: a handler's 404, or
+   * the v0.6 server's 500 for a missing resource, resource definition or
+   * version (its lookup error, "… not found"). False for a path the server
+   * does not route (404 `Cannot GET …`).
+   *
+   * @example
+   * ```ts
+   * try {
+   *   await api.getResource("app", "web");
+   * } catch (err) {
+   *   if (err instanceof ConveyorApiError && err.notFound) console.log("no such resource");
+   *   else throw err;
+   * }
+   * ```
+   */
+  readonly notFound: boolean;
   /** Creates the error for a response. */
   constructor(
     init: { status: number; error: string; method: string; path: string },
@@ -218,6 +235,9 @@ export class ConveyorApiError extends ConveyorError {
     this.error = init.error;
     this.method = init.method;
     this.path = init.path;
+    this.notFound = init.status === 404
+      ? !/^Cannot [A-Z]+ \//.test(init.error)
+      : init.status === 500 && /\bnot found\b/i.test(init.error);
   }
 }
 
