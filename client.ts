@@ -13,6 +13,7 @@
  * @module
  */
 import * as v from "valibot";
+import { getLogger } from "@logtape/logtape";
 import { context, propagation, type TextMapSetter } from "@opentelemetry/api";
 import { ApiNetworkError, ApiTimeoutError, ConfigError, ConveyorApiError } from "./errors.ts";
 import {
@@ -298,6 +299,7 @@ export class Client {
   #streamConnectTimeout: number;
   #streamMaxRetries: number;
   #streamIdleTimeout: number;
+  #warnedPlain = false;
 
   /** Creates a client; nothing is sent until a method is called. */
   constructor(options: ClientOptions = {}) {
@@ -723,7 +725,17 @@ export class Client {
     if (!headers.has("Accept")) headers.set("Accept", "application/json");
     // The caller's trace (e.g. the reconcile's span) continues at the server.
     propagation.inject(context.active(), headers, headerSetter);
-    if (auth && this.#auth) headers.set("Authorization", `Bearer ${await this.#auth.token()}`);
+    if (auth && this.#auth) {
+      if (!this.#warnedPlain && plainRemote(this.baseUrl)) {
+        this.#warnedPlain = true;
+        getLogger(["conveyor", "client"]).warn(
+          "sending bearer tokens to {url} over plain http: anyone on the path can read and " +
+            "replay them for their lifetime; use https",
+          { url: this.baseUrl },
+        );
+      }
+      headers.set("Authorization", `Bearer ${await this.#auth.token()}`);
+    }
     return headers;
   }
 
@@ -934,6 +946,15 @@ function identityFromEnv(): TokenSource | undefined {
       return await (await identity).token();
     },
   };
+}
+
+/** Whether `url` is plain http to a host other than this machine. */
+function plainRemote(url: string): boolean {
+  const { protocol, hostname } = new URL(url);
+  if (protocol !== "http:") return false;
+  const host = hostname.replace(/^\[|\]$/g, "");
+  return !(host === "localhost" || host.endsWith(".localhost") || /^127\./.test(host) ||
+    host === "::1");
 }
 
 /** Whether a failed request provably never reached the server. */

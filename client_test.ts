@@ -14,6 +14,7 @@ import {
 import { makeTestPki } from "./test_pki.ts";
 import { X509Certificate } from "node:crypto";
 import { decodeProtectedHeader } from "jose";
+import { configure, type LogRecord, reset } from "@logtape/logtape";
 import { startTestApiServer, type TestApiServer } from "./test_api_server.ts";
 import type { LogEntry, Pipeline } from "./types.ts";
 import { createServer } from "node:net";
@@ -320,6 +321,41 @@ describe("Client: requests", () => {
         if (v === undefined) delete process.env[k];
         else process.env[k] = v;
       }
+    }
+  });
+
+  it("warns once, through LogTape, when it would send a token over plain http to another host", async () => {
+    const records: LogRecord[] = [];
+    await configure({
+      sinks: { test: (r) => void records.push(r) },
+      loggers: [
+        { category: ["conveyor", "client"], lowestLevel: "debug", sinks: ["test"] },
+        { category: ["logtape", "meta"], lowestLevel: "warning", sinks: [] },
+      ],
+    });
+    try {
+      await using api = await startTestApiServer();
+      const token = { token: () => Promise.resolve("t") };
+      // Loopback (the test server) is fine over http.
+      const local = client(api, { auth: token });
+      await seed(local);
+      assert.equal(records.length, 0);
+      // Another host: the request fails (the name does not resolve), the warning comes once.
+      const remote = new Client({
+        baseUrl: "http://conveyor.invalid",
+        auth: token,
+        retry: { attempts: 1 },
+      });
+      await rejection(remote.getResourceDefinition("app"));
+      await rejection(remote.getResourceDefinition("app"));
+      assert.equal(records.length, 1);
+      assert.equal(records[0].level, "warning");
+      assert.equal(records[0].properties.url, "http://conveyor.invalid");
+      // Without a token, nothing to warn about.
+      await rejection(new Client({ baseUrl: "http://conveyor.invalid", auth: false }).health());
+      assert.equal(records.length, 1);
+    } finally {
+      await reset();
     }
   });
 
