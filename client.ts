@@ -208,6 +208,20 @@ const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
 const retryAfterOf = new WeakMap<Error, number>();
 
 /** Encodes a path parameter. */
+/**
+ * Refuses a name the server could store but never serve back: it does not
+ * decode path parameters, so only names that need no percent-encoding can
+ * be addressed in a URL.
+ */
+function addressable(what: string, name: unknown): void {
+  if (typeof name === "string" && encodeURIComponent(name) !== name) {
+    throw new TypeError(
+      `${what} ${JSON.stringify(name)} needs percent-encoding in URLs, which the Conveyor ` +
+        "server does not decode: it could be created but never read back by name",
+    );
+  }
+}
+
 function seg(value: string | number): string {
   const s = String(value);
   // URLs resolve `.` and `..` segments, encoded or not: they cannot be sent.
@@ -362,6 +376,11 @@ export class Client {
    * does not fit, 404 when there is no definition) and checks that the
    * pipeline, when given, exists for this resource type (400).
    *
+   * A name or type that would need percent-encoding in a URL (a space, `/`,
+   * `%`, non-ASCII…) is refused with a `TypeError` before anything is sent:
+   * the server does not decode path parameters, so such a resource could be
+   * created but never read, updated or deleted by name.
+   *
    * @example
    * ```ts
    * const { runid } = await api.createResource({ name: "web", resource: "app", pipeline: "ci", spec: {} });
@@ -371,6 +390,8 @@ export class Client {
     resource: ResourceInit,
     options: RequestOptions = {},
   ): Promise<CreateResourceResponse> {
+    addressable("resource name", resource.name);
+    addressable("resource type", resource.resource);
     const reply = await this.#request({
       method: "POST",
       path: "/resources/", // with the slash, as the Go client posts

@@ -257,6 +257,27 @@ describe("Client: requests", () => {
     assert.throws(() => c.streamLogs({ runId: "", driver: "x" }), TypeError);
   });
 
+  it("refuses to create a resource whose name or type the server could never serve back", async () => {
+    await using api = await startTestApiServer();
+    const c = client(api);
+    await seed(c);
+    const before = api.requests.length;
+    for (const name of ["web app", "a/b", "100%", "ünï", "a?b"]) {
+      await assert.rejects(
+        c.createResource({ name, resource: "app", spec: { image: "a" } }),
+        (e: unknown) => e instanceof TypeError && /needs percent-encoding/.test(e.message),
+        name,
+      );
+    }
+    await assert.rejects(
+      c.createResource({ name: "web", resource: "my app", spec: {} }),
+      TypeError,
+    );
+    assert.equal(api.requests.length, before, "nothing sent");
+    await c.createResource({ name: "web-app_1.x", resource: "app", spec: { image: "a" } });
+    assert.equal((await c.getResource("app", "web-app_1.x")).name, "web-app_1.x");
+  });
+
   it("sends list filters as runid, driver and pipeline; drops the server's empty pipeline", async () => {
     await using api = await startTestApiServer();
     const c = client(api);
