@@ -27,6 +27,15 @@
 import { base64url, type CryptoKey, exportJWK, importPKCS8, importSPKI, SignJWT } from "jose";
 import { AuthError, ConfigError } from "./errors.ts";
 import { readEnv } from "./_util.ts";
+import {
+  checkChain,
+  type Curve,
+  ekuName,
+  type KeyInfo,
+  parseCertificate,
+  privateKeyPkcs8,
+  type X509,
+} from "./_x509.ts";
 
 /**
  * Where the client certificate, key and CA come from, and how tokens are made.
@@ -66,8 +75,9 @@ export interface AuthOptions {
    */
   rsaAlgorithm?: "RS256" | "PS256";
   /**
-   * Lifetime of a token (`exp` - `iat`) in ms, at least 1000; rounded down
-   * to whole seconds.
+   * Lifetime of a token (`exp` - `iat`) in ms, from 30 s to a day; rounded
+   * down to whole seconds. A token is renewed when a quarter of its lifetime
+   * (at most 30 s) is left, so none is sent that could expire on its way.
    * @default 120_000
    */
   tokenLifetime?: number;
@@ -95,8 +105,11 @@ export interface Identity {
   readonly chain: readonly string[];
   /** `cnf["x5t#S256"]`: base64url (no padding) of the SHA-256 of the leaf's DER. */
   readonly thumbprint: string;
+  /** What the leaf certificate says of itself, for logs and expiry monitoring. */
+  readonly certificate: CertificateInfo;
   /**
-   * A bearer JWT. The same token is returned until less than a quarter of its
+   * A bearer JWT. Rejects with an `AuthError` once the leaf certificate has
+   * expired, since the server would refuse the token. The same token is returned until less than a quarter of its
    * lifetime (at most 30 s) is left; then a new one is signed, once for all
    * concurrent callers.
    */
@@ -109,12 +122,49 @@ export interface Identity {
   tls(): { cert: string; key: string; ca?: string };
 }
 
+/**
+ * The leaf certificate of an {@link Identity}, as checked by
+ * {@link createIdentity}.
+ *
+ * @example
+ * ```ts
+ * import { createIdentity } from "@conveyor/driver";
+ * const { certificate } = await createIdentity();
+ * const days = (certificate.notAfter.getTime() - Date.now()) / 86_400_000;
+ * if (days < 7) console.warn(`${certificate.subject} expires in ${days.toFixed(1)} days`);
+ * ```
+ */
+export interface CertificateInfo {
+  /** The subject, most specific part first: `CN=driver, O=Acme`. */
+  readonly subject: string;
+  /** The issuer's name, in the same form. */
+  readonly issuer: string;
+  /** Start of the validity period: the identity is refused before it. */
+  readonly notBefore: Date;
+  /** End of the validity period: `token()` rejects after it. */
+  readonly notAfter: Date;
+  /**
+   * The extended key usages (`serverAuth`, `clientAuth`, or an OID for
+   * others); undefined when the certificate does not restrict them.
+   */
+  readonly extKeyUsage?: readonly string[];
+}
+
 /** Environment variables read by {@link authFromEnv} and {@link createIdentity}. */
 const ENV_CERT = "CONVEYOR_CERT_FILE";
 const ENV_KEY = "CONVEYOR_KEY_FILE";
 const ENV_CA = "CONVEYOR_CA_FILE";
 
 const DEFAULT_LIFETIME = 120_000;
+/**
+ * Shortest token lifetime, in ms. A token is handed out with at least a
+ * quarter of its lifetime left (7.5 s here), enough for the request to reach
+ * a server whose clock runs a little ahead; shorter tokens could expire in
+ * flight.
+ */
+const MIN_LIFETIME = 30_000;
+/** Longest token lifetime, in ms: a day. A bearer token is only as safe as it is short. */
+const MAX_LIFETIME = 86_400_000;
 /** Most `iat` is backdated by, in seconds, so a server clock slightly behind ours accepts it. */
 const MAX_BACKDATE = 5;
 /** Most time before expiry a token is renewed, in ms. */
@@ -148,8 +198,14 @@ export function authFromEnv(): AuthOptions | undefined {
  * signs a first token. Rejects with an `AuthError` naming the file or option
  * at fault for a file that cannot be read, a missing or malformed PEM block,
  * an encrypted or unsupported key (only RSA of 2048 bits or more, and EC
- * P-256/P-384/P-521), or a key that is not the one of the leaf certificate;
- * with a `ConfigError` for an invalid `rsaAlgorithm` or `tokenLifetime`.
+ * P-256/P-384/P-521), a key that is not the one of the leaf certificate, and
+ * a certificate the server would refuse: one not valid now (expired or not
+ * yet valid), one not issued by the CA (checked when a CA is given: each
+ * certificate of the chain must be signed by the next or by the CA, and each
+ * issuer must be a CA), or one whose extended key usages leave out
+ * serverAuth (the server checks chains for it, as Go does by default).
+ * Rejects with a `ConfigError` for an invalid `rsaAlgorithm` or
+ * `tokenLifetime`.
  *
  * @example
  * ```ts
@@ -160,10 +216,10 @@ export function authFromEnv(): AuthOptions | undefined {
  */
 export async function createIdentity(options: AuthOptions = {}): Promise<Identity> {
   const lifetime = options.tokenLifetime ?? DEFAULT_LIFETIME;
-  if (!Number.isFinite(lifetime) || lifetime < 1_000) {
+  if (!Number.isFinite(lifetime) || lifetime < MIN_LIFETIME || lifetime > MAX_LIFETIME) {
     throw new ConfigError(
       "tokenLifetime",
-      `tokenLifetime must be at least 1000 ms, got ${lifetime}`,
+      `tokenLifetime must be from ${MIN_LIFETIME} to ${MAX_LIFETIME} ms, got ${lifetime}`,
     );
   }
   const rsaAlgorithm = options.rsaAlgorithm ?? "RS256";
@@ -189,23 +245,39 @@ export async function createIdentity(options: AuthOptions = {}): Promise<Identit
   const chain = certificates(certSource);
   const caCerts = caSource && certificates(caSource);
   const leaf = chain[0];
-  const leafSpki = subjectPublicKeyInfo(leaf, certSource);
+  try {
+    await checkChain(chain, caCerts, Date.now());
+  } catch (err) {
+    const against = caSource ? ` (checked against ${caSource.name})` : "";
+    throw new AuthError(`${certSource.name}: ${message(err)}${against}`, { cause: err });
+  }
   const { info, pkcs8 } = privateKey(keySource);
   const algorithm: JwtAlgorithm = info.kind === "RSA" ? rsaAlgorithm : EC_ALGORITHMS[info.curve];
-  const signingKey = await checkKeyPair(info, algorithm, pkcs8, leafSpki, keySource, certSource);
+  const signingKey = await checkKeyPair(info, algorithm, pkcs8, leaf, keySource, certSource);
 
   const thumbprint = base64url.encode(
-    new Uint8Array(await crypto.subtle.digest("SHA-256", leaf)),
+    new Uint8Array(await crypto.subtle.digest("SHA-256", leaf.der)),
   );
   const identity = new ClientIdentity({
     algorithm,
-    chain: Object.freeze(chain.map(toBase64)),
+    chain: Object.freeze(chain.map((c) => toBase64(c.der))),
     thumbprint,
+    certificate: Object.freeze({
+      subject: leaf.subject,
+      issuer: leaf.issuer,
+      notBefore: leaf.notBefore,
+      notAfter: leaf.notAfter,
+      extKeyUsage: leaf.extKeyUsage && Object.freeze(leaf.extKeyUsage.map(ekuName)),
+    }),
     signingKey,
     lifetime: Math.floor(lifetime / 1000),
     // Certificates re-encoded, so that nothing else in the files (comments,
     // a key kept in the same file) reaches TLS; the key as given.
-    tls: { cert: pemChain(chain), key: keySource.text, ca: caCerts && pemChain(caCerts) },
+    tls: {
+      cert: pemChain(chain.map((c) => c.der)),
+      key: keySource.text,
+      ca: caCerts && pemChain(caCerts.map((c) => c.der)),
+    },
   });
   try {
     await identity.token(); // fail here, not at the first request
@@ -217,6 +289,23 @@ export async function createIdentity(options: AuthOptions = {}): Promise<Identit
   return identity;
 }
 
+/**
+ * Throws an `AuthError` when the identity's certificate cannot serve as a
+ * NATS mutual-TLS client certificate: one that lists extended key usages must
+ * list clientAuth (or anyExtendedKeyUsage). Internal: `startDriver` calls it
+ * before connecting, so the failure names the certificate rather than a TLS
+ * alert.
+ */
+export function checkClientAuth(identity: Identity): void {
+  const info = (identity as Partial<Identity>).certificate; // a hand-made Identity may lack it
+  const eku = info?.extKeyUsage;
+  if (!eku || eku.includes("clientAuth") || eku.includes("anyExtendedKeyUsage")) return;
+  throw new AuthError(
+    `the client certificate "${info.subject}" lists the extended key usages ` +
+      `${eku.join(", ")} but not clientAuth, which NATS requires of a mutual-TLS client`,
+  );
+}
+
 // ---------------------------------------------------------------------------
 // The identity and its token cache.
 
@@ -224,6 +313,7 @@ interface IdentityInit {
   algorithm: JwtAlgorithm;
   chain: readonly string[];
   thumbprint: string;
+  certificate: CertificateInfo;
   signingKey: CryptoKey;
   /** In whole seconds. */
   lifetime: number;
@@ -240,6 +330,7 @@ class ClientIdentity implements Identity {
   readonly algorithm: JwtAlgorithm;
   readonly chain: readonly string[];
   readonly thumbprint: string;
+  readonly certificate: CertificateInfo;
   readonly #key: CryptoKey;
   readonly #lifetime: number;
   readonly #tls: IdentityInit["tls"];
@@ -250,12 +341,22 @@ class ClientIdentity implements Identity {
     this.algorithm = init.algorithm;
     this.chain = init.chain;
     this.thumbprint = init.thumbprint;
+    this.certificate = init.certificate;
     this.#key = init.signingKey;
     this.#lifetime = init.lifetime;
     this.#tls = init.tls;
   }
 
   token(): Promise<string> {
+    const { notAfter, subject } = this.certificate;
+    if (Date.now() > notAfter.getTime()) {
+      return Promise.reject(
+        new AuthError(
+          `the client certificate "${subject}" expired on ${notAfter.toISOString()}; ` +
+            "the server refuses its tokens: renew the certificate and restart",
+        ),
+      );
+    }
     if (this.#current && Date.now() < this.#current.renewAt) {
       return Promise.resolve(this.#current.jwt);
     }
@@ -344,15 +445,15 @@ function pemBlocks(source: Source): PemBlock[] {
   return blocks;
 }
 
-/** The DER of every CERTIFICATE block, in order; at least one. */
-function certificates(source: Source): Uint8Array<ArrayBuffer>[] {
+/** Every CERTIFICATE block, parsed, in order; at least one. */
+function certificates(source: Source): X509[] {
   const certs = pemBlocks(source).filter((b) => b.label === "CERTIFICATE").map((b) => b.der);
   if (certs.length === 0) {
     throw new AuthError(`${source.name}: no "-----BEGIN CERTIFICATE-----" PEM block found`);
   }
-  certs.forEach((der, i) => {
+  return certs.map((der, i) => {
     try {
-      tbsCertificate(der);
+      return parseCertificate(der);
     } catch (err) {
       throw new AuthError(
         `${source.name}: certificate ${i + 1} is not a valid X.509 certificate: ${message(err)}`,
@@ -360,7 +461,6 @@ function certificates(source: Source): Uint8Array<ArrayBuffer>[] {
       );
     }
   });
-  return certs;
 }
 
 function fromBase64(b64: string): Uint8Array<ArrayBuffer> {
@@ -389,10 +489,7 @@ function toPem(label: string, der: Uint8Array): string {
 }
 
 // ---------------------------------------------------------------------------
-// Keys: type and curve, conversion to PKCS#8, and the match with the leaf.
-
-type Curve = "P-256" | "P-384" | "P-521";
-type KeyInfo = { kind: "RSA" } | { kind: "EC"; curve: Curve };
+// Keys: type and curve, and the match with the leaf.
 
 const EC_ALGORITHMS: Record<Curve, JwtAlgorithm> = {
   "P-256": "ES256",
@@ -400,54 +497,7 @@ const EC_ALGORITHMS: Record<Curve, JwtAlgorithm> = {
   "P-521": "ES512",
 };
 
-const OID_RSA = "1.2.840.113549.1.1.1";
-const OID_EC = "1.2.840.10045.2.1";
-const CURVES: Record<string, Curve> = {
-  "1.2.840.10045.3.1.7": "P-256",
-  "1.3.132.0.34": "P-384",
-  "1.3.132.0.35": "P-521",
-};
-/** Names of key types and curves we refuse, for the error message. */
-const KNOWN_OIDS: Record<string, string> = {
-  "1.2.840.113549.1.1.10": "RSASSA-PSS",
-  "1.2.840.10040.4.1": "DSA",
-  "1.3.101.110": "X25519",
-  "1.3.101.111": "X448",
-  "1.3.101.112": "Ed25519",
-  "1.3.101.113": "Ed448",
-  "1.3.132.0.10": "secp256k1",
-};
-/** DER of the OIDs rsaEncryption and id-ecPublicKey, for building PKCS#8. */
-const DER_OID_RSA = Uint8Array.of(0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01);
-const DER_OID_EC = Uint8Array.of(0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01);
-const DER_NULL = Uint8Array.of(0x05, 0x00);
-
 const keyLabel = (info: KeyInfo): string => info.kind === "RSA" ? "RSA" : `EC ${info.curve}`;
-const oidName = (oid: string): string => KNOWN_OIDS[oid] ? `${KNOWN_OIDS[oid]} (${oid})` : oid;
-
-/**
- * The key type of an AlgorithmIdentifier (SPKI or PKCS#8): RSA, or EC with a
- * named curve; throws for anything the server does not accept.
- */
-function keyType(algorithmIdentifier: Tlv): KeyInfo {
-  const [alg, params] = children(expect(algorithmIdentifier, SEQUENCE, "AlgorithmIdentifier"));
-  const oid = oidString(expect(alg, OID, "algorithm OID"));
-  if (oid === OID_RSA) return { kind: "RSA" };
-  if (oid !== OID_EC) {
-    throw new Error(`unsupported key type ${oidName(oid)}: use an RSA or EC key`);
-  }
-  return { kind: "EC", curve: namedCurve(params) };
-}
-
-function namedCurve(params: Tlv | undefined): Curve {
-  if (params?.tag !== OID) throw new Error("the EC key does not name its curve");
-  const oid = oidString(params);
-  const curve = CURVES[oid];
-  if (!curve) {
-    throw new Error(`unsupported EC curve ${oidName(oid)}: use P-256, P-384 or P-521`);
-  }
-  return curve;
-}
 
 /** The key of the first private-key PEM block, as PKCS#8 DER with its type. */
 function privateKey(source: Source): { info: KeyInfo; pkcs8: Uint8Array<ArrayBuffer> } {
@@ -467,64 +517,12 @@ function privateKey(source: Source): { info: KeyInfo; pkcs8: Uint8Array<ArrayBuf
     );
   }
   try {
-    const root = parseDer(block.der);
-    if (block.label === "RSA PRIVATE KEY") return fromPkcs1(root);
-    if (block.label === "EC PRIVATE KEY") return fromSec1(root);
-    // PKCS#8 PrivateKeyInfo: version, privateKeyAlgorithm, privateKey, ...
-    const [version, alg] = children(expect(root, SEQUENCE, "PrivateKeyInfo"));
-    expect(version, INTEGER, "PrivateKeyInfo version");
-    return { info: keyType(alg), pkcs8: block.der };
+    return privateKeyPkcs8(block.label, block.der);
   } catch (err) {
-    if (err instanceof AuthError) throw err;
     throw new AuthError(`${source.name}: unusable ${block.label}: ${message(err)}`, {
       cause: err,
     });
   }
-}
-
-/** PKCS#1 RSAPrivateKey (RFC 8017 A.1.2) wrapped as PKCS#8 (RFC 5208). */
-function fromPkcs1(root: Tlv): { info: KeyInfo; pkcs8: Uint8Array<ArrayBuffer> } {
-  const fields = children(expect(root, SEQUENCE, "RSAPrivateKey"));
-  // version, n, e, d, p, q, dp, dq, qinv
-  if (fields.length < 9 || fields.some((f) => f.tag !== INTEGER)) {
-    throw new Error("not an RSAPrivateKey");
-  }
-  return {
-    info: { kind: "RSA" },
-    pkcs8: der(
-      SEQUENCE,
-      der(INTEGER, Uint8Array.of(0)),
-      der(SEQUENCE, DER_OID_RSA, DER_NULL),
-      der(OCTET_STRING, root.raw),
-    ),
-  };
-}
-
-/**
- * SEC1 ECPrivateKey (RFC 5915) wrapped as PKCS#8. The curve moves from the
- * key's [0] parameters to the AlgorithmIdentifier; the inner key keeps the
- * scalar and the [1] public key but drops [0], which some Web Crypto
- * implementations refuse inside PKCS#8.
- */
-function fromSec1(root: Tlv): { info: KeyInfo; pkcs8: Uint8Array<ArrayBuffer> } {
-  const fields = children(expect(root, SEQUENCE, "ECPrivateKey"));
-  const [version, scalar] = fields;
-  expect(version, INTEGER, "ECPrivateKey version");
-  expect(scalar, OCTET_STRING, "ECPrivateKey privateKey");
-  const params = fields.find((f) => f.tag === CONTEXT_0);
-  const publicKey = fields.find((f) => f.tag === CONTEXT_1);
-  const curveOid = params && children(params)[0];
-  const info: KeyInfo = { kind: "EC", curve: namedCurve(curveOid) };
-  const inner = der(SEQUENCE, version.raw, scalar.raw, ...(publicKey ? [publicKey.raw] : []));
-  return {
-    info,
-    pkcs8: der(
-      SEQUENCE,
-      der(INTEGER, Uint8Array.of(0)),
-      der(SEQUENCE, DER_OID_EC, curveOid!.raw),
-      der(OCTET_STRING, inner),
-    ),
-  };
 }
 
 /**
@@ -536,7 +534,7 @@ async function checkKeyPair(
   info: KeyInfo,
   algorithm: JwtAlgorithm,
   pkcs8: Uint8Array<ArrayBuffer>,
-  leafSpki: Tlv,
+  leaf: X509,
   keySource: Source,
   certSource: Source,
 ): Promise<CryptoKey> {
@@ -550,9 +548,7 @@ async function checkKeyPair(
   } catch (err) {
     throw new AuthError(
       `${keySource.name}: cannot import the ${keyLabel(info)} key: ${message(err)}`,
-      {
-        cause: err,
-      },
+      { cause: err },
     );
   }
   if (info.kind === "RSA") {
@@ -564,11 +560,11 @@ async function checkKeyPair(
     }
   }
 
-  let certInfo: KeyInfo;
-  try {
-    certInfo = keyType(children(leafSpki)[0]);
-  } catch (err) {
-    throw new AuthError(`${certSource.name}: leaf certificate: ${message(err)}`, { cause: err });
+  const certInfo = leaf.keyInfo;
+  if (certInfo instanceof Error) {
+    throw new AuthError(`${certSource.name}: leaf certificate: ${certInfo.message}`, {
+      cause: certInfo,
+    });
   }
   const mismatch = (detail: string) =>
     new AuthError(
@@ -582,7 +578,7 @@ async function checkKeyPair(
   }
   let publicJwk: Record<string, unknown>;
   try {
-    const spki = await importSPKI(toPem("PUBLIC KEY", leafSpki.raw), algorithm, {
+    const spki = await importSPKI(toPem("PUBLIC KEY", leaf.spki), algorithm, {
       extractable: true,
     });
     publicJwk = { ...(await exportJWK(spki)) };
@@ -597,132 +593,6 @@ async function checkKeyPair(
     throw mismatch("it is a different key pair");
   }
   return signingKey;
-}
-
-// ---------------------------------------------------------------------------
-// Certificates.
-
-/** The tbsCertificate of a Certificate (RFC 5280 §4.1). */
-function tbsCertificate(cert: Uint8Array): Tlv {
-  const [tbs, sigAlg, sig] = children(expect(parseDer(cert), SEQUENCE, "Certificate"));
-  expect(sigAlg, SEQUENCE, "signatureAlgorithm");
-  expect(sig, BIT_STRING, "signatureValue");
-  return expect(tbs, SEQUENCE, "tbsCertificate");
-}
-
-/**
- * The leaf's SubjectPublicKeyInfo: the 7th field of tbsCertificate, or the
- * 6th when the optional [0] version (v1 certificates) is absent.
- */
-function subjectPublicKeyInfo(cert: Uint8Array, source: Source): Tlv {
-  try {
-    const fields = children(tbsCertificate(cert));
-    const spki = fields[fields[0]?.tag === CONTEXT_0 ? 6 : 5];
-    const [alg, key] = children(expect(spki, SEQUENCE, "subjectPublicKeyInfo"));
-    expect(alg, SEQUENCE, "subjectPublicKeyInfo algorithm");
-    expect(key, BIT_STRING, "subjectPublicKey");
-    return spki;
-  } catch (err) {
-    throw new AuthError(`${source.name}: unreadable leaf certificate: ${message(err)}`, {
-      cause: err,
-    });
-  }
-}
-
-// ---------------------------------------------------------------------------
-// A minimal DER (X.690) reader and writer: single-byte tags, definite lengths,
-// which is all that certificates and keys use.
-
-const INTEGER = 0x02;
-const BIT_STRING = 0x03;
-const OCTET_STRING = 0x04;
-const OID = 0x06;
-const SEQUENCE = 0x30;
-const CONTEXT_0 = 0xa0;
-const CONTEXT_1 = 0xa1;
-
-interface Tlv {
-  tag: number;
-  /** The contents. */
-  value: Uint8Array;
-  /** Tag, length and contents. */
-  raw: Uint8Array;
-}
-
-/** The element at `pos` of `buf` and the position after it. */
-function readTlv(buf: Uint8Array, pos: number): Tlv & { end: number } {
-  if (pos + 2 > buf.length) throw new Error("truncated DER");
-  const tag = buf[pos];
-  if ((tag & 0x1f) === 0x1f) throw new Error("unexpected multi-byte DER tag");
-  let length = buf[pos + 1];
-  let start = pos + 2;
-  if (length & 0x80) {
-    const n = length & 0x7f;
-    // 0 is BER's indefinite length; more than 4 bytes cannot fit the buffer anyway.
-    if (n === 0 || n > 4 || start + n > buf.length) throw new Error("bad DER length");
-    length = 0;
-    for (let i = 0; i < n; i++) length = length * 256 + buf[start + i];
-    start += n;
-  }
-  const end = start + length;
-  if (end > buf.length) throw new Error("truncated DER");
-  return { tag, value: buf.subarray(start, end), raw: buf.subarray(pos, end), end };
-}
-
-/** One element spanning all of `buf`. */
-function parseDer(buf: Uint8Array): Tlv {
-  const tlv = readTlv(buf, 0);
-  if (tlv.end !== buf.length) throw new Error("trailing data after DER");
-  return tlv;
-}
-
-/** The elements inside a constructed element (SEQUENCE, [0], ...). */
-function children(tlv: Tlv): Tlv[] {
-  const out: Tlv[] = [];
-  for (let pos = 0; pos < tlv.value.length;) {
-    const child = readTlv(tlv.value, pos);
-    out.push(child);
-    pos = child.end;
-  }
-  return out;
-}
-
-function expect(tlv: Tlv | undefined, tag: number, what: string): Tlv {
-  if (tlv?.tag !== tag) throw new Error(`expected ${what}`);
-  return tlv;
-}
-
-/** Encodes one element from its tag and contents. */
-function der(tag: number, ...contents: Uint8Array[]): Uint8Array<ArrayBuffer> {
-  const length = contents.reduce((n, c) => n + c.length, 0);
-  const lengthBytes: number[] = [];
-  for (let n = length; n > 0; n = Math.floor(n / 256)) lengthBytes.unshift(n & 0xff);
-  const header = length < 0x80 ? [tag, length] : [tag, 0x80 | lengthBytes.length, ...lengthBytes];
-  const out = new Uint8Array(header.length + length);
-  out.set(header);
-  let pos = header.length;
-  for (const c of contents) {
-    out.set(c, pos);
-    pos += c.length;
-  }
-  return out;
-}
-
-/** Dotted form of an OBJECT IDENTIFIER, e.g. "1.2.840.10045.2.1". */
-function oidString(tlv: Tlv): string {
-  const arcs: number[] = [];
-  let arc = 0;
-  for (const byte of tlv.value) {
-    arc = arc * 128 + (byte & 0x7f);
-    if (!(byte & 0x80)) {
-      arcs.push(arc);
-      arc = 0;
-    }
-  }
-  // The first subidentifier packs the first two arcs as 40 * a + b.
-  const first = arcs.shift() ?? 0;
-  const a = Math.min(2, Math.floor(first / 40));
-  return [a, first - 40 * a, ...arcs].join(".");
 }
 
 function message(err: unknown): string {

@@ -32,8 +32,6 @@ function restoreEnv(): void {
 // Tests must not pick up a developer's real identity.
 for (const k of ENV_NAMES) delete process.env[k];
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
 const ALGORITHMS: Record<TestKeyType, JwtAlgorithm> = {
   rsa: "RS256",
   p256: "ES256",
@@ -115,6 +113,21 @@ function verifyToken(
   assert.ok(exp > Date.now() / 1000, "exp is in the future");
   assert.equal(exp - iat, (expect.lifetime ?? 120_000) / 1000);
   return { header, payload };
+}
+
+/**
+ * Runs `fn` with `Date.now()` answering `at` plus the real time elapsed since,
+ * then restores it: the identity's cache and expiry checks read Date.now().
+ */
+async function withClock<T>(at: number, fn: () => Promise<T>): Promise<T> {
+  const realNow = Date.now;
+  const offset = at - realNow();
+  Date.now = () => realNow() + offset;
+  try {
+    return await fn();
+  } finally {
+    Date.now = realNow;
+  }
 }
 
 /** File options for a leaf and one of its key formats. */
@@ -238,26 +251,70 @@ describe("createIdentity", () => {
 
   it("caches the token and renews it near expiry, once for concurrent callers", async () => {
     const leaf = pki.leaves.p256; // ECDSA: two signings never give the same token
-    const identity = await createIdentity({ ...files(leaf, "pkcs8"), tokenLifetime: 2_000 });
+    const identity = await createIdentity({ ...files(leaf, "pkcs8"), tokenLifetime: 40_000 });
     const first = await identity.token();
     assert.equal(await identity.token(), first);
     const same = await Promise.all([identity.token(), identity.token(), identity.token()]);
     assert.deepEqual(same, [first, first, first]);
 
-    // Renewed once less than a quarter of the lifetime (500 ms) is left.
+    // Renewed once less than a quarter of the lifetime (10 s) is left: the
+    // clock is moved rather than waited for.
     const { exp } = decodePart(first.split(".")[1]) as { exp: number };
-    await sleep(exp * 1000 - 500 - Date.now() + 20);
-    const renewed = await Promise.all([identity.token(), identity.token(), identity.token()]);
+    const before = await withClock(exp * 1000 - 10_000 - 50, () => identity.token());
+    assert.equal(before, first, "still more than a quarter left");
+    const renewed = await withClock(
+      exp * 1000 - 10_000 + 50,
+      () => Promise.all([identity.token(), identity.token(), identity.token()]),
+    );
     assert.notEqual(renewed[0], first);
     assert.deepEqual(renewed, [renewed[0], renewed[0], renewed[0]], "one signing for all callers");
-    const decoded = verifyToken(renewed[0], {
-      algorithm: "ES256",
-      leaf: leaf.cert,
-      ca: pki.ca.cert,
-      lifetime: 2_000,
+    const payload = decodePart(renewed[0].split(".")[1]) as { iat: number; exp: number };
+    assert.ok(payload.exp > exp);
+    assert.equal(payload.exp - payload.iat, 40);
+    assert.equal(await withClock(exp * 1000 - 9_000, () => identity.token()), renewed[0]);
+  });
+
+  it("never hands out a token with less than 7.5 s left, whatever the lifetime", async () => {
+    // The shortest lifetime allowed (30 s): a token is renewed when a quarter
+    // (7.5 s) is left, and iat is backdated 5 s against clock skew.
+    const identity = await createIdentity({
+      ...files(pki.leaves.p256, "pkcs8"),
+      tokenLifetime: 30_000,
     });
-    assert.ok((decoded.payload.exp as number) > exp);
-    assert.equal(await identity.token(), renewed[0]);
+    const start = Date.now();
+    for (let t = start; t < start + 120_000; t += 500) {
+      const jwt = await withClock(t, () => identity.token());
+      const { exp, iat } = decodePart(jwt.split(".")[1]) as { exp: number; iat: number };
+      assert.ok(
+        exp * 1000 - t >= 7_500,
+        `at +${t - start} ms the token has ${exp * 1000 - t} ms left`,
+      );
+      assert.ok(iat * 1000 <= t, "iat not ahead of the clock");
+    }
+  });
+
+  it("describes the leaf certificate", async () => {
+    const identity = await createIdentity(files(pki.chained, "pkcs8"));
+    const info = identity.certificate;
+    assert.equal(info.subject, "CN=leaf-chained, O=Conveyor tests");
+    assert.equal(info.issuer, "CN=intermediate, O=Conveyor tests");
+    const x509 = new X509Certificate(pki.chained.cert.pem); // the leaf, first in the file
+    assert.equal(info.notBefore.getTime(), new Date(x509.validFrom).getTime());
+    assert.equal(info.notAfter.getTime(), new Date(x509.validTo).getTime());
+    assert.deepEqual(info.extKeyUsage, ["serverAuth", "clientAuth"]);
+    const plain = pki.issue({ name: "described-no-eku", extensions: "leaf_no_eku" });
+    const noEku = await createIdentity({ cert: plain.cert.pem, key: plain.key.pem });
+    assert.equal(noEku.certificate.extKeyUsage, undefined);
+  });
+
+  it("refuses to sign once the certificate has expired", async () => {
+    const identity = await createIdentity(files(pki.leaves.p256, "pkcs8"));
+    const after = identity.certificate.notAfter.getTime() + 1_000;
+    await rejectsAuth(
+      withClock(after, () => identity.token()),
+      /client certificate "CN=leaf-p256, O=Conveyor tests" expired on/,
+      /renew the certificate/,
+    );
   });
 
   it("hands out the PEM material for mutual TLS", async () => {
@@ -407,15 +464,240 @@ describe("createIdentity errors", () => {
 
   it("rejects an invalid tokenLifetime or rsaAlgorithm with a ConfigError", async () => {
     const base = files(leaf, "pkcs8");
-    await assert.rejects(createIdentity({ ...base, tokenLifetime: 500 }), (err: unknown) => {
-      assert.ok(err instanceof ConfigError);
-      assert.equal(err.field, "tokenLifetime");
-      return true;
-    });
+    for (const tokenLifetime of [500, 29_999, 86_400_001, NaN, Infinity, -1]) {
+      await assert.rejects(createIdentity({ ...base, tokenLifetime }), (err: unknown) => {
+        assert.ok(err instanceof ConfigError, `${tokenLifetime}: ${err}`);
+        assert.equal(err.field, "tokenLifetime");
+        assert.match(err.message, /from 30000 to 86400000 ms/);
+        return true;
+      });
+    }
+    for (const tokenLifetime of [30_000, 86_400_000]) {
+      await createIdentity({ ...base, tokenLifetime });
+    }
     await assert.rejects(
       // deno-lint-ignore no-explicit-any
       createIdentity({ ...base, rsaAlgorithm: "RS384" as any }),
       (err: unknown) => err instanceof ConfigError && err.field === "rsaAlgorithm",
+    );
+  });
+});
+
+describe("createIdentity refuses a certificate the server would refuse", () => {
+  const DAY = 86_400_000;
+  const ca = () => pki.ca.cert.path;
+  /** createIdentity for an issued certificate, from files, against `caFile`. */
+  const identityOf = (
+    leaf: { cert: PemFile; key: PemFile },
+    caFile: string | undefined = ca(),
+    cert: string = leaf.cert.path,
+  ) => createIdentity({ certFile: cert, keyFile: leaf.key.path, ...(caFile ? { caFile } : {}) });
+  const fileName = (p: string) =>
+    new RegExp(`client certificate file ${p.replace(/[.\\]/g, "\\$&")}`);
+
+  it("an expired certificate, naming the file and the date", async () => {
+    const leaf = pki.issue({
+      name: "refused-expired",
+      notBefore: new Date(Date.now() - 10 * DAY),
+      notAfter: new Date(Date.now() - DAY),
+    });
+    const err = await rejectsAuth(
+      identityOf(leaf),
+      fileName(leaf.cert.path),
+      /the certificate "CN=refused-expired, O=Conveyor tests" expired on \d{4}-\d\d-\d\dT/,
+    );
+    const expected = new Date(new X509Certificate(leaf.cert.pem).validTo).toISOString();
+    assert.ok(err.message.includes(expected), `${err.message} names ${expected}`);
+    assert.ok(err.cause instanceof Error, "the reason is kept as cause");
+  });
+
+  it("a certificate not valid yet", async () => {
+    const leaf = pki.issue({ name: "refused-future", notBefore: new Date(Date.now() + DAY) });
+    await rejectsAuth(
+      identityOf(leaf),
+      fileName(leaf.cert.path),
+      /"CN=refused-future, O=Conveyor tests" is not valid before /,
+    );
+  });
+
+  it("a certificate some other CA issued, even one that takes the CA's name", async () => {
+    const stranger = pki.issue({ name: "refused-stranger", issuer: pki.other.ca });
+    await rejectsAuth(
+      identityOf(stranger),
+      /was not issued by the CA: its issuer "CN=other-ca, O=Conveyor tests" is neither in the CA file nor in the chain/,
+      new RegExp(`checked against CA certificate file ${ca().replace(/[.\\]/g, "\\$&")}`),
+    );
+    // Same issuer name as the real CA, another key: only the signature tells.
+    const impostor = pki.issue({
+      name: "impostor-ca",
+      subject: "ca",
+      issuer: "self",
+      extensions: "ca_ext",
+    });
+    const forged = pki.issue({ name: "refused-forged", issuer: impostor });
+    const real = new X509Certificate(pki.ca.cert.pem);
+    assert.equal(new X509Certificate(forged.cert.pem).verify(real.publicKey), false, "oracle");
+    await rejectsAuth(
+      identityOf(forged),
+      /its issuer "CN=ca, O=Conveyor tests" has a key that does not verify its signature/,
+    );
+    const selfSigned = pki.issue({ name: "refused-self", issuer: "self" });
+    await rejectsAuth(identityOf(selfSigned), /it is self-signed and not in the CA file/);
+  });
+
+  it("a certificate whose signature was tampered with", async () => {
+    const leaf = pki.issue({ name: "refused-tampered" });
+    const der = new X509Certificate(leaf.cert.pem).raw;
+    der[der.length - 1] ^= 0x01; // the last byte of the ECDSA signature's s
+    const pem = `-----BEGIN CERTIFICATE-----\n${
+      der.toString("base64")
+    }\n-----END CERTIFICATE-----\n`;
+    await rejectsAuth(
+      createIdentity({ cert: pem, key: leaf.key.pem, ca: pki.ca.cert.pem }),
+      /does not verify its signature/,
+    );
+  });
+
+  it("a chain missing its intermediate, or with an intermediate that is not a CA", async () => {
+    const leafOnly = pki.chained.cert.pem.slice(
+      0,
+      pki.chained.cert.pem.indexOf("-----END CERTIFICATE-----") + 26,
+    );
+    await rejectsAuth(
+      createIdentity({ cert: leafOnly, key: pki.chained.keys.pkcs8.pem, ca: pki.ca.cert.pem }),
+      /its issuer "CN=intermediate, O=Conveyor tests" is neither in the CA file nor in the chain/,
+    );
+    // With the intermediate in the CA file instead, it verifies.
+    await createIdentity({
+      cert: leafOnly,
+      key: pki.chained.keys.pkcs8.pem,
+      ca: pki.ca.cert.pem + pki.chained.intermediate.pem,
+    });
+    const notCa = pki.issue({ name: "refused-not-ca" });
+    const below = pki.issue({ name: "refused-below-leaf", issuer: notCa });
+    await rejectsAuth(
+      createIdentity({
+        cert: below.cert.pem + notCa.cert.pem,
+        key: below.key.pem,
+        ca: pki.ca.cert.pem,
+      }),
+      /its issuer "CN=refused-not-ca, O=Conveyor tests" is not a CA certificate/,
+    );
+  });
+
+  it("an expired intermediate or CA", async () => {
+    const past = {
+      notBefore: new Date(Date.now() - 10 * DAY),
+      notAfter: new Date(Date.now() - DAY),
+    };
+    const oldIntermediate = pki.issue({ name: "refused-old-int", extensions: "ca_ext", ...past });
+    const leaf = pki.issue({ name: "refused-under-old-int", issuer: oldIntermediate });
+    await rejectsAuth(
+      createIdentity({
+        cert: leaf.cert.pem + oldIntermediate.cert.pem,
+        key: leaf.key.pem,
+        ca: pki.ca.cert.pem,
+      }),
+      /the intermediate certificate "CN=refused-old-int, O=Conveyor tests" expired on/,
+    );
+    const oldCa = pki.issue({
+      name: "refused-old-ca",
+      issuer: "self",
+      extensions: "ca_ext",
+      ...past,
+    });
+    const underOldCa = pki.issue({ name: "refused-under-old-ca", issuer: oldCa });
+    await rejectsAuth(
+      identityOf(underOldCa, oldCa.cert.path),
+      /the CA certificate "CN=refused-old-ca, O=Conveyor tests" expired on/,
+    );
+  });
+
+  it("extended key usages without serverAuth, in the leaf or above it", async () => {
+    const clientOnly = pki.issue({ name: "refused-client-only", extensions: "leaf_client_only" });
+    await rejectsAuth(
+      identityOf(clientOnly),
+      /lists the extended key usages clientAuth but not serverAuth/,
+    );
+    // Without a CA to check against, the leaf's own usages are still checked.
+    await rejectsAuth(identityOf(clientOnly, ""), /but not serverAuth/);
+    const clientCa = pki.issue({ name: "refused-client-ca", extensions: "ca_client_only" });
+    const under = pki.issue({ name: "refused-under-client-ca", issuer: clientCa });
+    await rejectsAuth(
+      createIdentity({
+        cert: under.cert.pem + clientCa.cert.pem,
+        key: under.key.pem,
+        ca: pki.ca.cert.pem,
+      }),
+      /the intermediate certificate "CN=refused-client-ca, O=Conveyor tests" lists the extended key usages clientAuth but not serverAuth/,
+    );
+    // No extended key usage at all means any usage; serverAuth alone is enough here.
+    await identityOf(pki.issue({ name: "accepted-no-eku", extensions: "leaf_no_eku" }));
+    await identityOf(pki.issue({ name: "accepted-server-only", extensions: "leaf_server_only" }));
+  });
+
+  it("SHA-1 signatures, while RSA, RSA-PSS and ECDSA over SHA-2, and Ed25519 verify", async () => {
+    await rejectsAuth(
+      identityOf(pki.issue({ name: "refused-sha1", digest: "sha1" })),
+      /signed it with SHA-1, which the Conveyor server refuses/,
+    );
+    const rsaCa = pki.issue({ name: "rsa-ca", type: "rsa", issuer: "self", extensions: "ca_ext" });
+    const p384Ca = pki.issue({
+      name: "p384-ca",
+      type: "p384",
+      issuer: "self",
+      extensions: "ca_ext",
+    });
+    const p521Ca = pki.issue({
+      name: "p521-ca",
+      type: "p521",
+      issuer: "self",
+      extensions: "ca_ext",
+    });
+    const edCa = pki.issue({
+      name: "ed25519-ca",
+      type: "ed25519",
+      issuer: "self",
+      extensions: "ca_ext",
+    });
+    const cases = [
+      { name: "by-rsa-sha256", issuer: rsaCa, digest: "sha256" },
+      { name: "by-rsa-sha512", issuer: rsaCa, digest: "sha512" },
+      { name: "by-rsa-pss", issuer: rsaCa, digest: "sha256", pss: true },
+      { name: "by-rsa-pss-384", issuer: rsaCa, digest: "sha384", pss: true },
+      { name: "by-p384-sha384", issuer: p384Ca, digest: "sha384" },
+      { name: "by-p521-sha512", issuer: p521Ca, digest: "sha512" },
+      { name: "by-p521-sha256", issuer: p521Ca, digest: "sha256" },
+      { name: "by-ed25519", issuer: edCa },
+    ] as const;
+    for (const c of cases) {
+      const leaf = pki.issue(c);
+      const identity = await identityOf(leaf, c.issuer.cert.path);
+      assert.equal(identity.certificate.subject, `CN=${c.name}, O=Conveyor tests`);
+      // The other CAs did not sign it.
+      for (const other of [rsaCa, p384Ca, p521Ca, edCa].filter((x) => x !== c.issuer)) {
+        await rejectsAuth(identityOf(leaf, other.cert.path), /was not issued by the CA/);
+      }
+    }
+  });
+
+  it("without a CA, checks what the chain itself holds", async () => {
+    // Nothing to anchor it: another CA's leaf passes, as the server alone can judge.
+    await createIdentity({ cert: pki.other.leaf.cert.pem, key: pki.other.leaf.keys.pkcs8.pem });
+    // But a chain whose links do not verify is refused.
+    const impostor = pki.issue({
+      name: "impostor-int",
+      subject: "intermediate",
+      issuer: "self",
+      extensions: "ca_ext",
+    });
+    const leafOnly = pki.chained.cert.pem.slice(
+      0,
+      pki.chained.cert.pem.indexOf("-----END CERTIFICATE-----") + 26,
+    );
+    await rejectsAuth(
+      createIdentity({ cert: leafOnly + impostor.cert.pem, key: pki.chained.keys.pkcs8.pem }),
+      /its issuer "CN=intermediate, O=Conveyor tests" has a key that does not verify its signature/,
     );
   });
 });

@@ -21,7 +21,7 @@ import {
   type JsMsg,
 } from "@nats-io/jetstream";
 import { errorText, pause, setLongTimeout } from "./_util.ts";
-import { type AuthOptions, createIdentity, type Identity } from "./auth.ts";
+import { type AuthOptions, checkClientAuth, createIdentity, type Identity } from "./auth.ts";
 import { Client } from "./client.ts";
 import {
   checkStream,
@@ -134,6 +134,7 @@ export async function startDriver(driver: Driver, options?: ServeOptions): Promi
     : isIdentity(o.auth)
     ? o.auth
     : await createIdentity(o.auth);
+  if (identity) checkClientAuth(identity);
   const client = o.client ??
     (o.apiUrl ? new Client({ baseUrl: o.apiUrl, auth: identity }) : undefined);
   const nc = await connectWithin(driver.name, o, identity, log);

@@ -82,6 +82,7 @@ export { readSse, type SseEvent, type SseOptions, type SseReconnectInfo } from "
 export {
   authFromEnv,
   type AuthOptions,
+  type CertificateInfo,
   createIdentity,
   type Identity,
   type JwtAlgorithm,

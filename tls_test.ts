@@ -2,7 +2,7 @@ import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import process from "node:process";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { ConnectError, createIdentity, startDriver } from "./mod.ts";
+import { AuthError, ConnectError, createIdentity, startDriver } from "./mod.ts";
 import { createConveyorStreams, publishEvent, readStream, startNatsServer } from "./testing.ts";
 import type { NatsServer } from "./testing.ts";
 import { makeTestPki, type TestPki } from "./test_pki.ts";
@@ -163,14 +163,56 @@ describe("NATS with mutual TLS", () => {
 
   it("refuses a driver whose certificate another CA issued", async () => {
     const stranger = pki.other.leaf;
+    const driver = { name: "stranger", resources: ["pipeline"], reconcile() {} };
+    // Given the CA, the identity itself is refused before anything connects.
     await assert.rejects(
-      startDriver({ name: "stranger", resources: ["pipeline"], reconcile() {} }, {
+      startDriver(driver, {
         servers: server.url,
         ...quiet,
         connectTimeout: 1_000,
         auth: { cert: stranger.cert.pem, key: stranger.keys.pkcs8.pem, ca: pki.ca.cert.pem },
       }),
+      (err) => err instanceof AuthError && /was not issued by the CA/.test(err.message),
+    );
+    // Without it, the NATS server's TLS check is what refuses.
+    await assert.rejects(
+      startDriver(driver, {
+        servers: server.url,
+        ...quiet,
+        connectTimeout: 1_000,
+        auth: { cert: stranger.cert.pem, key: stranger.keys.pkcs8.pem },
+        nats: { tls: { ca: pki.ca.cert.pem } },
+      }),
       (err) => err instanceof ConnectError && err.cause !== undefined,
+    );
+  });
+
+  it("refuses, before connecting, a certificate whose usages leave out clientAuth", async () => {
+    const serverOnly = pki.issue({ name: "nats-server-only", extensions: "leaf_server_only" });
+    // What the check spares the user: NATS refuses such a client certificate.
+    await assert.rejects(
+      connect({
+        servers: server.url,
+        tls: { cert: serverOnly.cert.pem, key: serverOnly.key.pem, ca: pki.ca.cert.pem },
+        timeout: 2_000,
+        reconnect: false,
+      }).then((c) => c.close()),
+    );
+    await assert.rejects(
+      startDriver({ name: "server-only", resources: ["pipeline"], reconcile() {} }, {
+        // Nothing listens here: had it tried to connect, this would be a ConnectError.
+        servers: "nats://127.0.0.1:1",
+        ...quiet,
+        auth: {
+          certFile: serverOnly.cert.path,
+          keyFile: serverOnly.key.path,
+          caFile: pki.ca.cert.path,
+        },
+      }),
+      (err) =>
+        err instanceof AuthError &&
+        /"CN=nats-server-only, O=Conveyor tests" lists the extended key usages serverAuth but not clientAuth/
+          .test(err.message),
     );
   });
 });
