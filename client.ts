@@ -692,9 +692,10 @@ export class Client {
     options: RequestOptions = {},
   ): Promise<BroadcastResponse> {
     const path = "/drivers/broadcast-message";
-    const { payload } = message;
+    const { payload, runId, ...rest } = message;
     const wire = {
-      ...message,
+      ...rest,
+      ...(runId === undefined ? {} : { run_id: runId }),
       payload: typeof payload === "string" ? payload : JSON.stringify(payload),
     };
     const reply = await this.#request({

@@ -204,9 +204,12 @@ describe("Client: swagger.json coverage", () => {
       break;
     }
 
-    const sent = await c.broadcastMessage({ event: "create", run_id: runId, payload: web });
+    const sent = await c.broadcastMessage({ event: "create", runId, payload: web });
     assert.deepEqual(sent, { message: "message published" });
     assert.deepEqual(JSON.parse(api.messages[0].payload as string), web);
+    // The client's runId goes on the wire as the server's run_id, and only that.
+    assert.equal(api.messages[0].run_id, runId);
+    assert.equal("runId" in api.messages[0], false);
 
     await c.deleteResource("app", "web");
     await c.deletePipeline("ci");

@@ -373,12 +373,24 @@ export interface HealthStatus {
  * A message for `POST /drivers/broadcast-message`. `payload` may be a
  * Resource (or any JSON object), sent as the JSON string the server expects,
  * or that string already encoded. The server assigns `id`.
+ *
+ * The client's parameters spell the run id `runId` everywhere (as `listLogs`
+ * and `ctx.runId` do); it goes on the wire as the server's `run_id`. What the
+ * server sends back keeps its own names (`runid` in `createResource`'s answer
+ * and in log lines).
+ *
+ * @example
+ * ```ts
+ * import { type BroadcastMessage, Client } from "@conveyor/driver";
+ * const message: BroadcastMessage = { event: "create", runId, payload: resource };
+ * await new Client().broadcastMessage(message);
+ * ```
  */
 export interface BroadcastMessage {
   /** Event name, e.g. `"create"`. */
   event: string;
-  /** Run identifier to carry, if any. */
-  run_id?: string;
+  /** Run identifier to carry, if any; sent as `run_id`. */
+  runId?: string;
   /** Ignored: the server assigns one. */
   id?: string;
   /** The resource (or other JSON object) the message is about, or its JSON text. */
