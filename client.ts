@@ -207,7 +207,6 @@ const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
 /** `Retry-After` of a failed attempt, by its error. */
 const retryAfterOf = new WeakMap<Error, number>();
 
-/** Encodes a path parameter. */
 /**
  * Refuses a name the server could store but never serve back: it does not
  * decode path parameters, so only names that need no percent-encoding can
@@ -222,6 +221,7 @@ function addressable(what: string, name: unknown): void {
   }
 }
 
+/** Encodes a path parameter. */
 function seg(value: string | number): string {
   const s = String(value);
   // URLs resolve `.` and `..` segments, encoded or not: they cannot be sent.
@@ -372,9 +372,11 @@ export class Client {
   /**
    * `POST /resources/`: creates a resource and starts a run for its
    * `create` event. The server assigns `id` and sets `metadata` to
-   * `{ version: "1" }` (the v0.6 server drops other metadata here), validates `spec` against the resource definition's schema (400 when it
-   * does not fit, 404 when there is no definition) and checks that the
-   * pipeline, when given, exists for this resource type (400).
+   * `{ version: "1" }` (the v0.6 server drops other metadata here),
+   * validates `spec` against the resource definition's schema (400 when it
+   * does not fit; 500 when there is no definition, which `notFound` tells)
+   * and checks that the pipeline, when given, exists for this resource type
+   * (400).
    *
    * A name or type that would need percent-encoding in a URL (a space, `/`,
    * `%`, non-ASCII…) is refused with a `TypeError` before anything is sent:
@@ -418,7 +420,7 @@ export class Client {
    * `GET /resources/{type}/{name}`: one resource, latest version.
    *
    * A missing resource answers **500** (`Failed to find resource: …`), not
-   * 404, on the v0.6 server.
+   * 404, on the v0.6 server: test `err.notFound` rather than the status.
    */
   async getResource(type: string, name: string, options: RequestOptions = {}): Promise<Resource> {
     const path = `/resources/${seg(type)}/${seg(name)}`;
@@ -429,7 +431,8 @@ export class Client {
   /**
    * `PUT /resources/{type}/{name}`: replaces a resource, stores a new version
    * and publishes an `update` event. The body is validated like on create; a
-   * resource type without definition answers 404.
+   * resource type without definition, or a missing resource, answers 500
+   * (`notFound`).
    */
   async updateResource(
     type: string,
@@ -461,8 +464,8 @@ export class Client {
 
   /**
    * `GET /resources/{type}/{name}/{version}`: a resource as it was at a
-   * version (`metadata.version`). A missing version answers 404 or, on the
-   * v0.6 server, possibly 500.
+   * version (`metadata.version`). A missing version answers **500** on the
+   * v0.6 server (`Failed to find resource: … not found`; `notFound` is true).
    */
   async getResourceVersion(
     type: string,
@@ -508,7 +511,7 @@ export class Client {
 
   /**
    * `GET /resource-definitions/{name}`. A missing definition answers
-   * **500**, not 404, on the v0.6 server.
+   * **500**, not 404, on the v0.6 server (`notFound` is true).
    */
   async getResourceDefinition(
     name: string,
@@ -542,6 +545,7 @@ export class Client {
     definition: ResourceDefinitionInit,
     options: RequestOptions,
   ): Promise<ResourceDefinition> {
+    if (method === "POST") addressable("resource definition name", definition.name);
     const reply = await this.#request({ method, path, body: definition, ...callOptions(options) });
     return this.#decode(ResourceDefinitionSchema, reply, method, path);
   }
@@ -558,8 +562,9 @@ export class Client {
   // --- pipelines ----------------------------------------------------------
 
   /**
-   * `POST /pipelines`: creates (or overwrites) a pipeline. 404 when no
-   * resource definition exists for its `resource` type.
+   * `POST /pipelines`: creates (or overwrites) a pipeline. 500 on the v0.6
+   * server (`notFound`) when no resource definition exists for its
+   * `resource` type.
    *
    * @example
    * ```ts
@@ -570,6 +575,7 @@ export class Client {
    * ```
    */
   async createPipeline(pipeline: Pipeline, options: RequestOptions = {}): Promise<Pipeline> {
+    addressable("pipeline name", pipeline.name);
     const reply = await this.#request({
       method: "POST",
       path: "/pipelines",

@@ -276,9 +276,33 @@ describe("Client: requests", () => {
       c.createResource({ name: "web", resource: "my app", spec: {} }),
       TypeError,
     );
+    for (const name of ["my type", "a/b", "ünï"]) {
+      for (
+        const call of [
+          () => c.createResourceDefinition({ name, schema: {} }),
+          () => c.applyResourceDefinition({ name, schema: {} }),
+          () => c.createPipeline({ name, resource: "app", steps: [] }),
+        ]
+      ) {
+        await assert.rejects(call(), /needs percent-encoding/, name);
+      }
+    }
     assert.equal(api.requests.length, before, "nothing sent");
     await c.createResource({ name: "web-app_1.x", resource: "app", spec: { image: "a" } });
     assert.equal((await c.getResource("app", "web-app_1.x")).name, "web-app_1.x");
+
+    // Why: sent past the client, such a resource is stored, but the server
+    // looks up the encoded path parameter as it is, and never finds it.
+    const raw = await fetch(`${api.url}/resources/`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ name: "web app", resource: "app", spec: { image: "a" } }),
+    });
+    assert.equal(raw.status, 201);
+    await raw.body?.cancel();
+    const lost = apiError(await rejection(c.getResource("app", "web app")));
+    assert.equal(lost.notFound, true);
+    assert.equal(api.requests.at(-1)!.path, "/resources/app/web%20app");
   });
 
   it("sends list filters as runid, driver and pipeline; drops the server's empty pipeline", async () => {
@@ -473,9 +497,11 @@ describe("Client: errors", () => {
     assert.equal(e400.path, "/resources/");
     assert.equal(e400.message, "POST /resources/ failed with 400: Resource type is required");
 
-    const e404 = apiError(await rejection(c.createResource({ name: "web", resource: "nope" })));
+    // A handler's own 404 (e.g. GET /pipelines/{name} where it is routed).
+    const e404 = apiError(await rejection(c.getPipeline("nope")));
     assert.equal(e404.status, 404);
-    assert.equal(e404.error, "Resource definition for type nope not found");
+    assert.equal(e404.error, "Pipeline not found");
+    assert.equal(e404.notFound, true);
     assert.equal(api.requests.length, 2);
   });
 
@@ -484,14 +510,36 @@ describe("Client: errors", () => {
     const c = client(api);
     const err = apiError(await rejection(c.getResource("app", "ghost")));
     assert.equal(err.status, 500);
-    assert.equal(err.error, "Failed to find resource: resource not found");
+    assert.equal(
+      err.error,
+      "Failed to find resource: resource with name ghost and type app not found",
+    );
     assert.equal(err.path, "/resources/app/ghost");
     assert.equal(api.requests.length, 1);
     assert.equal(err.notFound, true, "told apart without matching text");
-    assert.equal(apiError(await rejection(c.getResourceDefinition("ghost"))).notFound, true);
+    // The same for a missing definition and a missing version, all 500 as on the v0.6 server.
+    const missing = [
+      await rejection(c.getResourceDefinition("ghost")),
+      await rejection(c.createResource({ name: "web", resource: "ghost", spec: {} })),
+      await rejection(c.createPipeline({ name: "ci", resource: "ghost", steps: [] })),
+    ].map(apiError);
+    for (const e of missing) {
+      assert.equal(e.status, 500);
+      assert.equal(
+        e.error,
+        "Failed to find resource definition: resource definition with name ghost not found",
+      );
+      assert.equal(e.notFound, true, `${e.method} ${e.path}`);
+    }
     await seed(c);
     await c.createResource({ name: "web", resource: "app", spec: { image: "a" } });
-    assert.equal(apiError(await rejection(c.getResourceVersion("app", "web", 9))).notFound, true);
+    const noVersion = apiError(await rejection(c.getResourceVersion("app", "web", 9)));
+    assert.equal(noVersion.status, 500);
+    assert.equal(
+      noVersion.error,
+      "Failed to find resource: resource with name web, type app and version 9 not found",
+    );
+    assert.equal(noVersion.notFound, true);
     api.fail({ status: 500, body: { error: "Error getting logs" } });
     assert.equal(apiError(await rejection(c.listLogs())).notFound, false);
   });

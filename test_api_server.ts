@@ -1,8 +1,9 @@
 /**
  * A local stand-in for the Conveyor API server, for tests: it follows the
  * server's swagger.json (paths, methods, status codes, JSON bodies) and the
- * v0.6 server's habits (a JSON `Content-Type` or 400, 500 for a missing
- * resource, plain-text errors in places, log streams that replay stored lines
+ * v0.6 server's habits (a JSON `Content-Type` or 400, 500 with its texts for
+ * a missing resource, definition or version, path parameters taken as sent,
+ * without percent-decoding, plain-text errors in places, log streams that replay stored lines
  * first), keeps everything in memory, records every request, and can be told
  * to fail: statuses with JSON or text bodies, delays, `Retry-After`, dropped
  * connections, and log streams with heartbeats, split chunks, CRLF line ends
@@ -256,10 +257,15 @@ export async function startTestApiServer(
     message: l.message,
   });
 
+  /** The v0.6 server's text for a missing definition: its model's error, wrapped. */
+  const missingDefinition = (name: string) =>
+    `Failed to find resource definition: resource definition with name ${name} not found`;
+
   function checkResource(ctx: Ctx, r: Record<string, unknown>, type: string): boolean {
     const def = definitions.get(type);
     if (!def) {
-      error(ctx.res, 404, `Resource definition for type ${type} not found`);
+      // The handler's 404 branch never runs: the model's lookup error answers 500.
+      error(ctx.res, 500, missingDefinition(type));
       return false;
     }
     if (def.schema === null || def.schema === undefined) {
@@ -412,7 +418,13 @@ export async function startTestApiServer(
       template: "/resources/{type}/{name}",
       handler: ({ res, params }) => {
         const r = latest(params.type, params.name);
-        if (!r) return error(res, 500, "Failed to find resource: resource not found");
+        if (!r) {
+          return error(
+            res,
+            500,
+            `Failed to find resource: resource with name ${params.name} and type ${params.type} not found`,
+          );
+        }
         send(res, 200, r);
       },
     },
@@ -425,7 +437,13 @@ export async function startTestApiServer(
         if (!r) return;
         if (!checkResource(ctx, r, params.type)) return;
         const versions = resources.get(`${params.type}/${params.name}`);
-        if (!versions) return error(res, 500, "Failed to update resource: resource not found");
+        if (!versions) {
+          return error(
+            res,
+            500,
+            `Failed to update resource: resource with name ${params.name} and type ${params.type} not found`,
+          );
+        }
         const version = String(versions.length + 1);
         const updated = {
           ...r,
@@ -453,7 +471,14 @@ export async function startTestApiServer(
         const r = resources.get(`${params.type}/${params.name}`)?.find((x) =>
           x.metadata.version === params.version
         );
-        if (!r) return error(res, 404, "Resource not found");
+        if (!r) {
+          return error(
+            res,
+            500,
+            `Failed to find resource: resource with name ${params.name}, type ${params.type} ` +
+              `and version ${params.version} not found`,
+          );
+        }
         send(res, 200, r);
       },
     },
@@ -488,7 +513,7 @@ export async function startTestApiServer(
       template: "/resource-definitions/{name}",
       handler: ({ res, params }) => {
         const def = definitions.get(params.name);
-        if (!def) return error(res, 500, "Failed to find resource definition: not found");
+        if (!def) return error(res, 500, missingDefinition(params.name));
         send(res, 200, def);
       },
     },
@@ -520,9 +545,7 @@ export async function startTestApiServer(
         const p = json(ctx);
         if (!p) return;
         const resource = String(p.resource ?? "");
-        if (!definitions.has(resource)) {
-          return error(ctx.res, 404, `Resource definition for type ${resource} not found`);
-        }
+        if (!definitions.has(resource)) return error(ctx.res, 500, missingDefinition(resource));
         const pipeline = goPipeline(p);
         pipelines.set(pipeline.name, pipeline);
         send(ctx.res, 201, pipeline);
@@ -648,7 +671,8 @@ export async function startTestApiServer(
       let ok = true;
       for (let i = 0; i < tpl.length && ok; i++) {
         const m = /^\{(.+)\}$/.exec(tpl[i]);
-        if (m) params[m[1]] = decodeURIComponent(parts[i]);
+        // Taken as sent, as the v0.6 server (Fiber) does: `web%20app` is not `web app`.
+        if (m) params[m[1]] = parts[i];
         else ok = tpl[i].toLowerCase() === parts[i].toLowerCase();
       }
       if (!ok) continue;
