@@ -26,7 +26,7 @@ import {
   readText,
   sleep,
 } from "./_util.ts";
-import { readSse } from "./sse.ts";
+import { readSse, type SseKey } from "./sse.ts";
 import { authFromEnv, createIdentity, type Identity } from "./auth.ts";
 import {
   type BroadcastMessage,
@@ -126,6 +126,14 @@ export interface ClientOptions {
    * @default 45_000
    */
   streamIdleTimeout?: number;
+  /**
+   * How many streamed log lines each log stream remembers exactly to drop
+   * the lines the server replays after a reconnect (about 100 bytes each;
+   * see `SseOptions.dedupeWindow`). Older lines are recognised by their
+   * driver and timestamp, as the server replays them in that order.
+   * @default 10_000
+   */
+  streamDedupeWindow?: number;
 }
 
 /** The last parameter of every request method. */
@@ -202,6 +210,8 @@ export const OPERATIONS: Readonly<Record<string, keyof Client>> = Object.freeze(
 /** Methods that start no work on the server: a repeat is harmless. */
 const SAFE = new Set(["GET", "HEAD", "OPTIONS"]);
 const RETRY_STATUS = new Set([429, 502, 503, 504]);
+/** Largest `streamDedupeWindow`: about 100 MB of memory per stream. */
+const MAX_DEDUPE_WINDOW = 1_000_000;
 /** Largest response body the client reads, in bytes. */
 const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
 /** `Retry-After` of a failed attempt, by its error. */
@@ -231,11 +241,19 @@ function seg(value: string | number): string {
   return encodeURIComponent(s);
 }
 
-/** Identity of a log line, the same in the server's replay and live JSON. */
-function logKey(data: string): string {
+/**
+ * Identity of a log line, the same in the server's replay and live JSON, and
+ * its place in the replay: the server replays the lines of each pipeline and
+ * driver by timestamp.
+ */
+function logKey(data: string): string | SseKey {
   try {
     const l = JSON.parse(data) as Record<string, unknown>;
-    return JSON.stringify([l.runid, l.driver, l.timestamp, l.message]);
+    const key = JSON.stringify([l.runid, l.driver, l.timestamp, l.message]);
+    if (typeof l.driver !== "string" || typeof l.timestamp !== "string") return key;
+    // The server's store orders lines by pipeline, driver, then timestamp.
+    const group = `${typeof l.pipeline === "string" ? l.pipeline : ""}|${l.driver}`;
+    return { key, group, time: Date.parse(l.timestamp) };
   } catch {
     return data;
   }
@@ -312,6 +330,7 @@ export class Client {
   #headers: Record<string, string>;
   #streamConnectTimeout: number;
   #streamMaxRetries: number;
+  #streamDedupeWindow: number;
   #streamIdleTimeout: number;
   #warnedPlain = false;
 
@@ -341,6 +360,18 @@ export class Client {
       { infinite: true },
     );
     this.#streamMaxRetries = count("streamMaxRetries", options.streamMaxRetries, 10, 0, true);
+    this.#streamDedupeWindow = count(
+      "streamDedupeWindow",
+      options.streamDedupeWindow,
+      10_000,
+      1,
+    );
+    if (this.#streamDedupeWindow > MAX_DEDUPE_WINDOW) {
+      throw new ConfigError(
+        "streamDedupeWindow",
+        `streamDedupeWindow must be at most ${MAX_DEDUPE_WINDOW}, got ${this.#streamDedupeWindow}`,
+      );
+    }
     this.#streamIdleTimeout = duration("streamIdleTimeout", options.streamIdleTimeout, 45_000, {
       zero: true,
       infinite: true,
@@ -722,6 +753,7 @@ export class Client {
       signal,
       connectTimeout: this.#streamConnectTimeout,
       maxRetries: this.#streamMaxRetries,
+      dedupeWindow: this.#streamDedupeWindow,
       idleTimeout: this.#streamIdleTimeout,
       initialDelay: this.#initialDelay,
       maxDelay: this.#maxDelay,

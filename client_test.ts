@@ -316,9 +316,10 @@ describe("Client: requests", () => {
     );
     assert.deepEqual((await c.listLogs({ runId, driver: "b" })).map((l) => l.message), ["y"]);
     assert.deepEqual(api.requests.at(-1)!.query, { runid: runId, driver: "b" });
+    // In the server's store order: pipeline ("" first), driver, timestamp.
     const all = await c.listLogs({ runId });
-    assert.deepEqual(all[1], { runid: runId, driver: "b", timestamp: "2", message: "y" });
-    assert.equal(all[0].pipeline, "ci");
+    assert.deepEqual(all[0], { runid: runId, driver: "b", timestamp: "2", message: "y" });
+    assert.equal(all[1].pipeline, "ci");
     assert.equal((await c.listLogs({ pipeline: "ci" })).length, 1);
     assert.deepEqual(api.requests.at(-1)!.query, { pipeline: "ci" });
     api.fail({ match: "GET /logs", status: 200, body: null });
@@ -897,6 +898,56 @@ describe("Client: log streams", () => {
       "Bearer tok-1",
       "Bearer tok-2",
     ]);
+  });
+
+  it("drops a replay longer than its dedupe window exactly: each line once, none lost", async () => {
+    await using api = await startTestApiServer();
+    const window = 50;
+    const c = client(api, { streamDedupeWindow: window });
+    const runId = crypto.randomUUID();
+    const t0 = Date.parse("2026-11-28T10:00:00.000Z");
+    const at = (ms: number) => new Date(t0 + ms).toISOString();
+    const lines = (driver: string, from: number, to: number) =>
+      Array.from({ length: to - from }, (_, i) => ({
+        runid: runId,
+        driver,
+        timestamp: at(from + i),
+        message: `${driver}${from + i}`,
+      }));
+    // Two drivers with interleaved times; the server replays by driver, then
+    // time, so the window (50) holds only the last of b's lines. Two lines
+    // share a millisecond, to exercise the ties at the window's edge.
+    api.logs.push(...lines("a", 0, 200), ...lines("b", 0, 200));
+    api.logs.push({ runid: runId, driver: "a", timestamp: at(199), message: "a199-twin" });
+    api.sse.dropAfter.push(401); // the 1st connection ends after its replay
+    const got: string[] = [];
+    for await (const l of c.streamPipelineLogs({ runId })) {
+      got.push(l.message);
+      if (got.length === 401) {
+        // Written while the stream is down: more than the window, for both drivers.
+        await waitFor(() => api.openStreams === 0);
+        api.logs.push(...lines("a", 200, 300), ...lines("b", 200, 300));
+        api.sse.heartbeatFirst = true;
+        // Once reconnected (its replay written), one live line ends the test.
+        waitFor(() => api.requests.length === 2 && api.openStreams === 1)
+          .then(() => sleep(50))
+          .then(() =>
+            api.pushLog({ runid: runId, driver: "a", timestamp: at(1e6), message: "end" })
+          );
+      }
+      if (l.message === "end") break;
+    }
+    const expected = [
+      ...lines("a", 0, 300).map((l) => l.message),
+      "a199-twin",
+      ...lines("b", 0, 300).map((l) => l.message),
+      "end",
+    ];
+    const counts = new Map<string, number>();
+    for (const m of got) counts.set(m, (counts.get(m) ?? 0) + 1);
+    assert.deepEqual([...counts].filter(([, n]) => n > 1), [], "no line twice");
+    assert.deepEqual([...counts.keys()].sort(), expected.sort(), "no line lost");
+    assert.equal(api.requests.length, 2);
   });
 
   it("a stream line that is not a log entry: ConveyorApiError", async () => {

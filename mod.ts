@@ -77,7 +77,13 @@ export {
   type TokenSource,
 } from "./client.ts";
 // sse.ts
-export { readSse, type SseEvent, type SseOptions, type SseReconnectInfo } from "./sse.ts";
+export {
+  readSse,
+  type SseEvent,
+  type SseKey,
+  type SseOptions,
+  type SseReconnectInfo,
+} from "./sse.ts";
 // auth.ts
 export {
   authFromEnv,

@@ -17,6 +17,7 @@ import {
   readText,
   sleep,
 } from "./_util.ts";
+import { ReplayFilter } from "./_replay.ts";
 
 /** One Server-Sent Event. Comments (`: heartbeat`) are not events. */
 export interface SseEvent {
@@ -26,6 +27,30 @@ export interface SseEvent {
   event?: string;
   /** The `id:` field of the event's block, when the server sent one. */
   id?: string;
+}
+
+/**
+ * An event's identity and its place in a replaying server's order: the
+ * server replays each group's events in time order (Conveyor: each driver's
+ * log lines by timestamp).
+ *
+ * @example
+ * ```ts
+ * import { readSse, type SseKey } from "@conveyor/driver";
+ * const key = (data: string): SseKey => {
+ *   const line = JSON.parse(data);
+ *   return { key: data, group: line.driver, time: Date.parse(line.timestamp) };
+ * };
+ * for await (const ev of readSse(url, { key })) console.log(ev.data);
+ * ```
+ */
+export interface SseKey {
+  /** What tells the event apart from others. */
+  key: string;
+  /** The group whose events the server replays in time order. */
+  group: string;
+  /** The event's time in ms; NaN when unknown (never dropped by time then). */
+  time: number;
 }
 
 /** What {@link SseOptions.onReconnect} is told before each reconnect. */
@@ -71,14 +96,27 @@ export interface SseOptions {
   idleTimeout?: number;
   /**
    * Identity of an event's data, to drop what a server replays after a
-   * reconnect. The reader counts how many events of each key it has yielded;
-   * on a new connection it yields an event only once that connection has sent
-   * more events of its key than were yielded before, so lines repeated on
-   * purpose still come through. Without `key`, nothing is dropped. The
-   * counts live as long as the iteration: one entry per distinct key, held
-   * as a 53-bit hash of it (two numbers, whatever the event's size).
+   * reconnect. Without `key`, nothing is dropped.
+   *
+   * The reader remembers the last `dedupeWindow` events it yielded, each as a
+   * 53-bit hash of its key (a few numbers, whatever the event's size), and
+   * how often each key came. On a new connection it yields an event only
+   * once that connection has sent more events of its key than were yielded
+   * before, so lines repeated on purpose still come through.
+   *
+   * For what fell out of the window, `key` may also place the event in the
+   * server's replay order (see {@link SseKey}): an event of a later
+   * connection older than the newest one its group let fall out of the
+   * window is dropped as replayed too.
    */
-  key?: (data: string) => string;
+  key?: (data: string) => string | SseKey;
+  /**
+   * How many yielded events the duplicate filter remembers exactly (about
+   * 100 bytes each). Older ones are recognised by their time, when `key`
+   * gives one.
+   * @default 10_000
+   */
+  dedupeWindow?: number;
   /**
    * Largest event (or run of bytes without one) the reader buffers, in
    * bytes; a larger one ends the iteration with a `ConveyorApiError`, since a
@@ -162,8 +200,8 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
   const signal = o.signal;
   const path = url.pathname;
   const where = { method: "GET", path };
-  // Events yielded so far, by the hash of their key, across connections.
-  const yielded = new Map<number, number>();
+  // What was yielded, across connections, to drop what a reconnect replays.
+  const replay = o.key ? new ReplayFilter(o.dedupeWindow ?? 10_000) : undefined;
   let lastId: string | undefined;
   let serverRetry: number | undefined;
   let failures = 0;
@@ -256,7 +294,7 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
         };
         idleTimer = setTimeout(check, idleTimeout);
       }
-      const seen = new Map<number, number>(); // events of this connection, by key hash
+      replay?.connected();
       const queue: SseEvent[] = [];
       const parser = createParser({
         onEvent(ev) {
@@ -299,17 +337,17 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
         while (queue.length > 0) {
           const ev = queue.shift()!;
           progress = true;
-          if (o.key) {
-            let k: number;
+          if (replay) {
+            let k: string | SseKey;
             try {
-              k = hash53(o.key(ev.data));
+              k = o.key!(ev.data);
             } catch (err) {
               throw new Fatal(err); // a bug in `key`, not a connection problem
             }
-            const n = (seen.get(k) ?? 0) + 1;
-            seen.set(k, n);
-            if (n <= (yielded.get(k) ?? 0)) continue; // replayed
-            yielded.set(k, n);
+            const admitted = typeof k === "string"
+              ? replay.admit(hash53(k))
+              : replay.admit(hash53(k.key), k);
+            if (!admitted) continue; // replayed
           }
           yield ev;
         }

@@ -332,6 +332,21 @@ export async function startTestApiServer(
     streams.delete(s);
   }
 
+  /**
+   * The stored lines in the v0.6 server's order: its store's keys are
+   * `pipeline|driver|runid|timestamp|uuid`, so lines come by pipeline, driver,
+   * run, then timestamp as text (ties, random there, keep their order here).
+   */
+  function stored(): LogEntry[] {
+    const key = (l: LogEntry) => [l.pipeline ?? "", l.driver, l.runid, l.timestamp];
+    return logs.map((l, i) => ({ l, k: key(l), i })).sort((a, b) => {
+      for (let j = 0; j < a.k.length; j++) {
+        if (a.k[j] !== b.k[j]) return a.k[j] < b.k[j] ? -1 : 1;
+      }
+      return a.i - b.i;
+    }).map((x) => x.l);
+  }
+
   function openStream(ctx: Ctx, runId: string, driver?: string) {
     const { res } = ctx;
     // Like the real server, headers go out with the first bytes (an event or
@@ -359,7 +374,7 @@ export async function startTestApiServer(
       s.chain = s.chain.then(() => sleep(5)).then(() => kill(s));
       return;
     }
-    for (const l of logs) {
+    for (const l of stored()) {
       if (s.closed) break;
       if (l.runid === runId && (driver === undefined || l.driver === driver)) {
         writeEvent(s, JSON.stringify(goLog(l)));
@@ -594,7 +609,7 @@ export async function startTestApiServer(
         send(
           res,
           200,
-          logs.filter((l) =>
+          stored().filter((l) =>
             (!runid || l.runid === runid) && (!driver || l.driver === driver) &&
             (!pipeline || l.pipeline === pipeline)
           ).map(goLog),
