@@ -108,10 +108,10 @@ export interface Identity {
   /** What the leaf certificate says of itself, for logs and expiry monitoring. */
   readonly certificate: CertificateInfo;
   /**
-   * A bearer JWT. Rejects with an `AuthError` once the leaf certificate has
-   * expired, since the server would refuse the token. The same token is returned until less than a quarter of its
-   * lifetime (at most 30 s) is left; then a new one is signed, once for all
-   * concurrent callers.
+   * A bearer JWT. The same token is returned until less than a quarter of
+   * its lifetime (at most 30 s) is left; then a new one is signed, once for
+   * all concurrent callers. Rejects with an `AuthError` once the leaf
+   * certificate has expired, since the server would refuse the token.
    */
   token(): Promise<string>;
   /**

@@ -365,13 +365,9 @@ export class Client {
       options.streamDedupeWindow,
       10_000,
       1,
+      false,
+      MAX_DEDUPE_WINDOW,
     );
-    if (this.#streamDedupeWindow > MAX_DEDUPE_WINDOW) {
-      throw new ConfigError(
-        "streamDedupeWindow",
-        `streamDedupeWindow must be at most ${MAX_DEDUPE_WINDOW}, got ${this.#streamDedupeWindow}`,
-      );
-    }
     this.#streamIdleTimeout = duration("streamIdleTimeout", options.streamIdleTimeout, 45_000, {
       zero: true,
       infinite: true,
@@ -974,17 +970,23 @@ function duration(
   return value;
 }
 
-/** A count option, checked: an integer of at least `min` (or `Infinity` where allowed). */
+/**
+ * A count option, checked: an integer from `min` to `max` (or `Infinity`
+ * where allowed).
+ */
 function count(
   field: string,
   value: number | undefined,
   fallback: number,
   min: number,
   infinite = false,
+  max = Number.MAX_SAFE_INTEGER,
 ): number {
   if (value === undefined) return fallback;
-  if ((value === Infinity && infinite) || (Number.isInteger(value) && value >= min)) return value;
-  throw new ConfigError(field, `${field} must be an integer of at least ${min}, got ${value}`);
+  if (value === Infinity && infinite) return value;
+  if (Number.isInteger(value) && value >= min && value <= max) return value;
+  const range = max === Number.MAX_SAFE_INTEGER ? `of at least ${min}` : `from ${min} to ${max}`;
+  throw new ConfigError(field, `${field} must be an integer ${range}, got ${value}`);
 }
 
 /**

@@ -431,6 +431,10 @@ describe("Client: requests", () => {
     assert.equal(field({ retry: { attempts: 2.5 } }), "retry.attempts");
     assert.equal(field({ streamMaxRetries: Infinity }), "accepted");
     assert.equal(field({ streamMaxRetries: -1 }), "streamMaxRetries");
+    for (const streamDedupeWindow of [0, 1.5, 1_000_001, Infinity, NaN]) {
+      assert.equal(field({ streamDedupeWindow }), "streamDedupeWindow", `${streamDedupeWindow}`);
+    }
+    assert.equal(field({ streamDedupeWindow: 1_000_000 }), "accepted");
   });
 
   it("with timeout: Infinity, waits for a slow answer rather than timing out at once", async () => {

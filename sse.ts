@@ -7,7 +7,13 @@
  * @module
  */
 import { createParser } from "eventsource-parser";
-import { ApiNetworkError, ApiTimeoutError, ConveyorApiError, ConveyorError } from "./errors.ts";
+import {
+  ApiNetworkError,
+  ApiTimeoutError,
+  ConfigError,
+  ConveyorApiError,
+  ConveyorError,
+} from "./errors.ts";
 import {
   backoff,
   httpErrorText,
@@ -112,8 +118,9 @@ export interface SseOptions {
   key?: (data: string) => string | SseKey;
   /**
    * How many yielded events the duplicate filter remembers exactly (about
-   * 100 bytes each). Older ones are recognised by their time, when `key`
-   * gives one.
+   * 100 bytes each): an integer of at least 1, else the iteration rejects
+   * with a `ConfigError`. Older ones are recognised by their time, when
+   * `key` gives one.
    * @default 10_000
    */
   dedupeWindow?: number;
@@ -201,7 +208,14 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
   const path = url.pathname;
   const where = { method: "GET", path };
   // What was yielded, across connections, to drop what a reconnect replays.
-  const replay = o.key ? new ReplayFilter(o.dedupeWindow ?? 10_000) : undefined;
+  const window = o.dedupeWindow ?? 10_000;
+  if (!Number.isInteger(window) || window < 1) {
+    throw new ConfigError(
+      "dedupeWindow",
+      `dedupeWindow must be an integer of at least 1, got ${window}`,
+    );
+  }
+  const replay = o.key ? new ReplayFilter(window) : undefined;
   let lastId: string | undefined;
   let serverRetry: number | undefined;
   let failures = 0;

@@ -1,7 +1,7 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { readSse, type SseEvent, type SseOptions } from "./sse.ts";
-import { ApiNetworkError, ApiTimeoutError, ConveyorApiError } from "./errors.ts";
+import { ApiNetworkError, ApiTimeoutError, ConfigError, ConveyorApiError } from "./errors.ts";
 import { startTestApiServer, type TestApiServer } from "./test_api_server.ts";
 import type { LogEntry } from "./types.ts";
 
@@ -153,6 +153,17 @@ describe("readSse", () => {
       "Bearer token-2",
       "Bearer token-3",
     ]);
+  });
+
+  it("refuses a dedupeWindow that is not a positive integer, before connecting", async () => {
+    await using api = await startTestApiServer();
+    for (const dedupeWindow of [0, -1, 2.5, NaN, Infinity]) {
+      await assert.rejects(
+        take(streamUrl(api, crypto.randomUUID()), 1, { key: logKey, dedupeWindow }),
+        (err: unknown) => err instanceof ConfigError && err.field === "dedupeWindow",
+      );
+    }
+    assert.equal(api.requests.length, 0);
   });
 
   it("without a key, yields what the server sends", async () => {
