@@ -6,16 +6,20 @@
  */
 import type { TraceContext } from "./telemetry.ts";
 import type { Client } from "./client.ts";
-import { ConfigError } from "./errors.ts";
+import { ConfigError, InvalidSpecError, type SpecIssue } from "./errors.ts";
 import type { DriverLogger } from "./logger.ts";
 import { type DriverMessage, type DriverResult, nameProblem, type Resource } from "./types.ts";
 
 /**
- * Everything `reconcile` gets for one event.
+ * Everything `reconcile` gets for one event. `Spec` is the type of
+ * `resource.spec`: what the driver's `spec` schema gives, else `unknown`.
  */
-export interface ReconcileContext {
-  /** The resource the event is about (the decoded `payload`). */
-  resource: Resource;
+export interface ReconcileContext<Spec = unknown> {
+  /**
+   * The resource the event is about (the decoded `payload`); with a `spec`
+   * schema, its `spec` is the schema's output.
+   */
+  resource: Resource<Spec>;
   /** The whole DriverMessage, payload decoded. */
   message: DriverMessage;
   /** The event name, e.g. `create`. */
@@ -51,11 +55,46 @@ export interface ReconcileContext {
 }
 
 /**
- * A driver: which resource types it handles and what it does with them.
+ * A schema for `resource.spec`: any [Standard Schema](https://standardschema.dev)
+ * (valibot, zod, ArkType, …). Only the part the runtime uses is spelled out;
+ * a valibot schema fits as it is.
  *
  * @example
  * ```ts
- * import { serve, type Driver } from "@conveyor/driver";
+ * import * as v from "valibot";
+ * import type { SpecSchema } from "@conveyor/driver";
+ * const schema: SpecSchema<{ image: string }> = v.object({ image: v.string() });
+ * ```
+ */
+export interface SpecSchema<Output = unknown> {
+  /** The Standard Schema interface. */
+  readonly "~standard": {
+    /** Validates a value, giving the output or the issues. */
+    readonly validate: (
+      value: unknown,
+    ) => SpecValidation<Output> | Promise<SpecValidation<Output>>;
+    /** The output type, for inference only. */
+    readonly types?: { readonly output: Output } | undefined;
+  };
+}
+
+/** What a {@link SpecSchema} answers: the output, or the issues. */
+export type SpecValidation<Output> =
+  | { readonly value: Output; readonly issues?: undefined }
+  | {
+    readonly issues: ReadonlyArray<{
+      readonly message: string;
+      readonly path?: ReadonlyArray<PropertyKey | { readonly key: PropertyKey }> | undefined;
+    }>;
+  };
+
+/**
+ * A driver: which resource types it handles and what it does with them.
+ * `Spec` is the type of `resource.spec`, given by the `spec` schema.
+ *
+ * @example
+ * ```ts
+ * import { type Driver, serve } from "@conveyor/driver";
  * const echo: Driver = {
  *   name: "echo",
  *   resources: ["pipeline"],
@@ -67,7 +106,7 @@ export interface ReconcileContext {
  * await serve(echo);
  * ```
  */
-export interface Driver {
+export interface Driver<Spec = unknown> {
   /**
    * The driver's name: its consumer's name and part of its subjects. No
    * whitespace, `.`, `*`, `>`, `/` or `\`.
@@ -83,18 +122,79 @@ export interface Driver {
    */
   events?: readonly string[];
   /**
+   * A schema for `resource.spec` (valibot or any Standard Schema). The spec
+   * of each event is validated before `reconcile` runs, which then gets the
+   * schema's output, typed. A spec that does not fit is a permanent failure:
+   * an `InvalidSpecError` naming every problem is reported, without retries,
+   * and `reconcile` is not called. Write the driver with
+   * {@link defineDriver} for TypeScript to infer `Spec` from it.
+   */
+  spec?: SpecSchema<Spec>;
+  /**
    * Does the work for one event. Return a `DriverResult` (or nothing, which
    * counts as success) to report it; throw to have the event retried, and
    * reported as failed after the last attempt. Throw `PermanentError` to fail
    * at once without retries.
    */
   reconcile(
-    ctx: ReconcileContext,
+    ctx: ReconcileContext<Spec>,
   ): DriverResult | void | Promise<DriverResult | void>;
 }
 
+/**
+ * Returns `driver` as it is, typed: `Spec` is inferred from the `spec`
+ * schema, so `resource.spec` in `reconcile` needs no type guard.
+ *
+ * @example
+ * ```ts
+ * import * as v from "valibot";
+ * import { defineDriver, serve } from "@conveyor/driver";
+ *
+ * const builder = defineDriver({
+ *   name: "builder",
+ *   resources: ["app"],
+ *   spec: v.object({ image: v.string(), replicas: v.optional(v.number(), 1) }),
+ *   reconcile({ resource, logger }) {
+ *     // resource.spec is { image: string; replicas: number }
+ *     logger.info(`building ${resource.spec.image} x${resource.spec.replicas}`);
+ *   },
+ * });
+ * await serve(builder);
+ * ```
+ */
+export function defineDriver<Spec>(driver: Driver<Spec>): Driver<Spec> {
+  return driver;
+}
+
+/**
+ * Runs `driver.reconcile(ctx)`, validating the spec first when the driver
+ * has a schema: the runtime's way of calling it (also used by the testing
+ * kit). Rejects with an `InvalidSpecError` for a spec that does not fit.
+ */
+export async function callReconcile<Spec>(
+  driver: Driver<Spec>,
+  ctx: ReconcileContext<unknown>,
+): Promise<DriverResult | void> {
+  if (!driver.spec) return await driver.reconcile(ctx as ReconcileContext<Spec>);
+  const checked = await driver.spec["~standard"].validate(ctx.resource.spec);
+  if (checked.issues) throw new InvalidSpecError(checked.issues.map(specIssue));
+  const typed = ctx as ReconcileContext<Spec>;
+  typed.resource = { ...ctx.resource, spec: checked.value };
+  return await driver.reconcile(typed);
+}
+
+function specIssue(issue: {
+  readonly message: string;
+  readonly path?: ReadonlyArray<PropertyKey | { readonly key: PropertyKey }> | undefined;
+}): SpecIssue {
+  const path = (issue.path ?? []).map((p) =>
+    String(typeof p === "object" && p !== null ? p.key : p)
+  ).join(".");
+  return { message: String(issue.message), path };
+}
+
 /** Throws a `ConfigError` naming the field when `driver` cannot be served. */
-export function checkDriver(driver: Driver): void {
+export function checkDriver<Spec>(driver: Driver<Spec>): void {
   if (driver === null || typeof driver !== "object") {
     throw new ConfigError("driver", "driver must be an object with name, resources and reconcile");
   }
@@ -109,6 +209,15 @@ export function checkDriver(driver: Driver): void {
   for (const r of driver.resources) {
     const p = nameProblem(r, "resource type");
     if (p) throw new ConfigError("resources", `driver "${driver.name}": ${p}`);
+  }
+  if (
+    driver.spec !== undefined &&
+    typeof (driver.spec as Partial<SpecSchema>)?.["~standard"]?.validate !== "function"
+  ) {
+    throw new ConfigError(
+      "spec",
+      `driver "${driver.name}": spec must be a valibot schema or another Standard Schema`,
+    );
   }
   if (typeof driver.reconcile !== "function") {
     throw new ConfigError("reconcile", `driver "${driver.name}": reconcile must be a function`);

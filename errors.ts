@@ -145,6 +145,40 @@ export class PermanentError extends ConveyorError {
   }
 }
 
+/** One problem a spec schema found: what and where (`"steps.0.image"`, empty at the top). */
+export interface SpecIssue {
+  /** The schema's message. */
+  readonly message: string;
+  /** Dotted path of the value at fault; empty for the spec itself. */
+  readonly path: string;
+}
+
+/**
+ * A resource's `spec` does not fit the driver's `spec` schema: a permanent
+ * failure (no retry; the event is reported failed and terminated), naming
+ * every problem.
+ *
+ * @example
+ * ```ts
+ * import { InvalidSpecError } from "@conveyor/driver";
+ * const err = new InvalidSpecError([{ path: "image", message: "expected a string" }]);
+ * console.log(err.message); // resource spec does not fit the driver's schema: image: expected a string
+ * ```
+ */
+export class InvalidSpecError extends PermanentError {
+  /** Every problem found, at most 20. */
+  readonly issues: readonly SpecIssue[];
+  /** Creates the error for `issues`. */
+  constructor(issues: readonly SpecIssue[], options?: ErrorOptions) {
+    const kept = issues.slice(0, 20);
+    const text = kept.map((i) => (i.path ? `${i.path}: ${i.message}` : i.message).slice(0, 300));
+    const more = issues.length > kept.length ? ` (and ${issues.length - kept.length} more)` : "";
+    super(`resource spec does not fit the driver's schema: ${text.join("; ")}${more}`, options);
+    this.name = "InvalidSpecError";
+    this.issues = kept;
+  }
+}
+
 /** A reconcile ran longer than `reconcileTimeout`; the `ctx.signal` reason. */
 export class ReconcileTimeoutError extends ConveyorError {
   /** The limit that was exceeded, in milliseconds. */

@@ -35,7 +35,13 @@ export {
   type TraceContext,
 } from "./telemetry.ts";
 // driver.ts
-export { type Driver, type ReconcileContext } from "./driver.ts";
+export {
+  defineDriver,
+  type Driver,
+  type ReconcileContext,
+  type SpecSchema,
+  type SpecValidation,
+} from "./driver.ts";
 // consumer.ts
 export { filterSubjects, MESSAGES_STREAM } from "./consumer.ts";
 // decide.ts
@@ -104,10 +110,12 @@ export {
   ConveyorApiError,
   ConveyorError,
   InvalidMessageError,
+  InvalidSpecError,
   type MessageIssue,
   PermanentError,
   PublishError,
   ReconcileTimeoutError,
   ShutdownError,
+  type SpecIssue,
   StreamNotFoundError,
 } from "./errors.ts";

@@ -22,6 +22,7 @@ describe("public API", () => {
       "ENV",
       "INSTRUMENTATION_SCOPE",
       "InvalidMessageError",
+      "InvalidSpecError",
       "MESSAGES_STREAM",
       "METRICS",
       "OPERATIONS",
@@ -33,6 +34,7 @@ describe("public API", () => {
       "StreamNotFoundError",
       "authFromEnv",
       "createIdentity",
+      "defineDriver",
       "filterSubjects",
       "healthHandler",
       "parseDriverMessage",
@@ -50,7 +52,9 @@ describe("public API", () => {
       "findNatsServer",
       "publishEvent",
       "readStream",
+      "reconcileOnce",
       "startNatsServer",
+      "startTestConveyor",
     ]);
   });
 

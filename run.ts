@@ -24,7 +24,7 @@ import {
   RESULT_SUBJECT,
   resultMsgId,
 } from "./decide.ts";
-import type { Driver, ReconcileContext } from "./driver.ts";
+import { callReconcile, type Driver, type ReconcileContext } from "./driver.ts";
 import {
   type InvalidMessageError,
   PublishError,
@@ -517,7 +517,7 @@ function reconcile(
   // The span is the active context around reconcile: spans the driver starts
   // (and the API client's requests) join its trace when a context manager is set.
   const user = new Promise((resolve) =>
-    resolve(otelContext.with(t.context, deps.driver.reconcile, deps.driver, ctx))
+    resolve(otelContext.with(t.context, callReconcile, undefined, deps.driver, ctx))
   );
   let finished = false;
   let hung = false;

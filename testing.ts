@@ -1,371 +1,65 @@
 /**
- * Helpers to test drivers against a real NATS server, the way the Conveyor
- * server sets it up: start a throw-away `nats-server`, create the three
- * streams, publish events exactly as `POST /resources` does, and read back
- * what the driver published.
+ * The testing kit for driver authors:
+ * - {@link reconcileOnce} runs a driver's `reconcile` without NATS, under
+ *   the runtime's own rules, and says what would be reported and done;
+ * - {@link startTestConveyor} starts a throw-away `nats-server` set up as
+ *   the Conveyor server sets it up, emits events as the server does, and
+ *   reads back typed results and log lines;
+ * - the lower-level {@link startNatsServer}, {@link createConveyorStreams},
+ *   {@link publishEvent} and {@link readStream}.
  *
  * @example
  * ```ts
- * import { startDriver } from "@conveyor/driver";
- * import { createConveyorStreams, publishEvent, readStream, startNatsServer } from "@conveyor/driver/testing";
+ * import assert from "node:assert/strict";
+ * import * as v from "valibot";
+ * import { defineDriver, startDriver } from "@conveyor/driver";
+ * import { reconcileOnce, startTestConveyor } from "@conveyor/driver/testing";
  *
- * await using nats = await startNatsServer();
- * await createConveyorStreams(nats.url);
- * await using running = await startDriver(myDriver, { servers: nats.url, handleSignals: false });
- * await publishEvent(nats.url, { resource: "pipeline", name: "web", spec: {} });
+ * const builder = defineDriver({
+ *   name: "builder",
+ *   resources: ["app"],
+ *   spec: v.object({ image: v.string() }),
+ *   reconcile: ({ resource }) => ({ success: true, message: `built ${resource.spec.image}` }),
+ * });
+ *
+ * // Without NATS:
+ * const { result } = await reconcileOnce(builder, { name: "web", spec: { image: "node:22" } });
+ * assert.equal(result?.message, "built node:22");
+ *
+ * // With a real nats-server:
+ * await using conveyor = await startTestConveyor();
+ * await using _running = await startDriver(builder, { servers: conveyor.url, handleSignals: false });
+ * const { message } = await conveyor.emit({ resource: "app", name: "web", spec: { image: "node:22" } });
+ * const { driverresult } = await conveyor.waitForResult(message.run_id);
+ * assert.equal(driverresult.message, "built node:22");
  * ```
  *
  * @module
  */
-import { spawn, spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import process from "node:process";
-import { fileURLToPath } from "node:url";
-import { connect, headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
-import { jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
-import type { DriverMessage, Resource } from "./types.ts";
-export type { DriverMessage, Resource } from "./types.ts";
-
-/** A running `nats-server` started by {@link startNatsServer}. */
-export interface NatsServer extends AsyncDisposable {
-  /** Client URL, e.g. `nats://127.0.0.1:41234`. */
-  readonly url: string;
-  /** The port it listens on (kept across {@link NatsServer.restart}). */
-  readonly port: number;
-  /** Process id of the server. */
-  readonly pid: number;
-  /** JetStream store directory (removed by `stop`). */
-  readonly storeDir: string;
-  /** Stops the server (SIGTERM, then SIGKILL) and removes its store. */
-  stop(): Promise<void>;
-  /** Kills the server and starts it again on the same port and store. */
-  restart(options?: { downtime?: number }): Promise<void>;
-}
-
-/** Options of {@link startNatsServer}. */
-export interface NatsServerOptions {
-  /** Path to the `nats-server` binary; default: env `NATS_SERVER_BIN`, the set-up cache, then PATH. */
-  binary?: string;
-  /** Extra command-line arguments. */
-  args?: string[];
-  /** How long to wait for the server to be ready, in ms. @default 10_000 */
-  readyTimeout?: number;
-}
-
-/** Finds a `nats-server` binary: env `NATS_SERVER_BIN`, the set-up script's cache, then PATH. */
-export function findNatsServer(): string {
-  const env = process.env.NATS_SERVER_BIN;
-  if (env) return env;
-  const candidates = [
-    join(process.cwd(), ".cache", "nats-server", "usr", "sbin", "nats-server"),
-  ];
-  try {
-    candidates.push(
-      fileURLToPath(
-        new URL("./.cache/nats-server/usr/sbin/nats-server", import.meta.url),
-      ),
-    );
-  } catch { /* not a file: URL (bundled) */ }
-  for (const c of candidates) if (existsSync(c)) return c;
-  const which = spawnSync("sh", ["-c", "command -v nats-server"], {
-    encoding: "utf8",
-  });
-  if (which.status === 0 && which.stdout.trim()) return which.stdout.trim();
-  throw new Error(
-    "nats-server not found: run `npm run setup`, put one on PATH or set NATS_SERVER_BIN",
-  );
-}
-
-async function launch(
-  binary: string,
-  port: number,
-  storeDir: string,
-  args: string[],
-  readyTimeout: number,
-) {
-  const child = spawn(binary, [
-    "-a",
-    "127.0.0.1",
-    "-p",
-    String(port),
-    "-js",
-    "-sd",
-    storeDir,
-    ...args,
-  ], {
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  let output = "";
-  const actualPort = await new Promise<number>((resolve, reject) => {
-    const timer = setTimeout(
-      () =>
-        fail(
-          new Error(
-            `nats-server not ready after ${readyTimeout} ms:\n${output}`,
-          ),
-        ),
-      readyTimeout,
-    );
-    function fail(err: Error) {
-      clearTimeout(timer);
-      child.kill("SIGKILL");
-      reject(err);
-    }
-    child.once("error", fail);
-    child.once(
-      "exit",
-      (code) => fail(new Error(`nats-server exited with ${code}:\n${output}`)),
-    );
-    let listening = 0;
-    child.stderr!.on("data", (chunk: Uint8Array) => {
-      output += new TextDecoder().decode(chunk);
-      const m = /Listening for client connections on [^\s]*:(\d+)/.exec(output);
-      if (m) listening = Number(m[1]);
-      if (listening && /Server is ready/.test(output)) {
-        clearTimeout(timer);
-        child.removeAllListeners("exit");
-        child.removeAllListeners("error");
-        // Keep draining stderr so the server never blocks on a full pipe.
-        child.stderr!.removeAllListeners("data");
-        child.stderr!.resume();
-        resolve(listening);
-      }
-    });
-  });
-  return { child, port: actualPort };
-}
-
-function killAndWait(
-  child: ReturnType<typeof spawn>,
-  signal: "SIGTERM" | "SIGKILL",
-): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) {
-    return Promise.resolve();
-  }
-  return new Promise((resolve) => {
-    const t = setTimeout(() => child.kill("SIGKILL"), 5_000);
-    child.once("exit", () => {
-      clearTimeout(t);
-      resolve();
-    });
-    child.kill(signal);
-  });
-}
-
-/**
- * Starts a `nats-server` with JetStream on 127.0.0.1, a random port and a
- * temporary store directory. Stop it with `stop()` or `await using`.
- *
- * @example
- * ```ts
- * import { startNatsServer } from "@conveyor/driver/testing";
- * await using nats = await startNatsServer();
- * console.log(nats.url);
- * ```
- */
-export async function startNatsServer(
-  options: NatsServerOptions = {},
-): Promise<NatsServer> {
-  const binary = options.binary ?? findNatsServer();
-  const args = options.args ?? [];
-  const readyTimeout = options.readyTimeout ?? 10_000;
-  const storeDir = await mkdtemp(join(tmpdir(), "conveyor-nats-"));
-  let { child, port } = await launch(binary, -1, storeDir, args, readyTimeout);
-  let stopped = false;
-  const server: NatsServer = {
-    get url() {
-      return `nats://127.0.0.1:${port}`;
-    },
-    get port() {
-      return port;
-    },
-    get pid() {
-      return child.pid!;
-    },
-    storeDir,
-    async stop() {
-      if (stopped) return;
-      stopped = true;
-      await killAndWait(child, "SIGTERM");
-      await rm(storeDir, { recursive: true, force: true });
-    },
-    async restart(opts = {}) {
-      await killAndWait(child, "SIGKILL");
-      if (opts.downtime) await new Promise((r) => setTimeout(r, opts.downtime));
-      ({ child } = await launch(binary, port, storeDir, args, readyTimeout));
-    },
-    [Symbol.asyncDispose]() {
-      return this.stop();
-    },
-  };
-  return server;
-}
-
-/** Where to talk to NATS: a server URL, or an open connection to reuse. */
-export type Target = string | NatsConnection;
-
-async function withConnection<T>(
-  target: Target,
-  fn: (nc: NatsConnection) => Promise<T>,
-): Promise<T> {
-  if (typeof target !== "string") return fn(target);
-  const nc = await connect({ servers: target });
-  try {
-    return await fn(nc);
-  } finally {
-    await nc.close();
-  }
-}
-
-/**
- * Creates the streams the Conveyor server creates at start-up: `messages`
- * (Interest), `pipeline-engine` and `logs-engine` (WorkQueue). Idempotent.
- */
-export function createConveyorStreams(target: Target): Promise<void> {
-  return withConnection(target, async (nc) => {
-    const jsm = await jetstreamManager(nc);
-    const streams = [
-      {
-        name: "messages",
-        subjects: ["resources.>", "events.>", "drivers.>"],
-        retention: RetentionPolicy.Interest,
-      },
-      {
-        name: "pipeline-engine",
-        subjects: ["pipelines.>"],
-        retention: RetentionPolicy.Workqueue,
-      },
-      {
-        name: "logs-engine",
-        subjects: ["logs.>"],
-        retention: RetentionPolicy.Workqueue,
-      },
-    ];
-    for (const s of streams) {
-      try {
-        await jsm.streams.info(s.name);
-      } catch {
-        await jsm.streams.add({ ...s, storage: StorageType.File });
-      }
-    }
-  });
-}
-
-/** An event to publish with {@link publishEvent}. */
-export interface EventInit {
-  /** Resource type, e.g. `"pipeline"`. */
-  resource: string;
-  /** Resource name. */
-  name: string;
-  /** Resource spec. @default {} */
-  spec?: unknown;
-  /** Resource metadata. @default { version: "1" } */
-  metadata?: Record<string, string>;
-  /** Pipeline of the resource. */
-  pipeline?: string;
-  /** Event name. @default "create" */
-  event?: string;
-  /** Run id. @default a new UUID */
-  runId?: string;
-  /** Message id. @default a new UUID */
-  id?: string;
-  /**
-   * Address the event to one driver, as the pipeline engine does for its
-   * steps (`drivers.{driver}.resources.{type}`) instead of `resources.{type}`.
-   */
-  driver?: string;
-  /** NATS headers to send with it, e.g. a W3C `traceparent`. */
-  headers?: Record<string, string>;
-}
-
-/** What {@link publishEvent} published. */
-export interface PublishedEvent {
-  /** The subject it went to. */
-  subject: string;
-  /** The message as sent (payload decoded here for convenience). */
-  message: DriverMessage;
-  /** Its sequence in the `messages` stream. */
-  seq: number;
-}
-
-/**
- * Publishes a DriverMessage exactly as the Conveyor server does: `payload`
- * encoded as a JSON string, on `resources.{type}` (or
- * `drivers.{driver}.resources.{type}` when `driver` is given).
- */
-export function publishEvent(
-  target: Target,
-  init: EventInit,
-): Promise<PublishedEvent> {
-  return withConnection(target, async (nc) => {
-    const resource: Resource = {
-      id: crypto.randomUUID(),
-      name: init.name,
-      resource: init.resource,
-      ...(init.pipeline ? { pipeline: init.pipeline } : {}),
-      metadata: init.metadata ?? { version: "1" },
-      spec: init.spec ?? {},
-    };
-    const message: DriverMessage = {
-      event: init.event ?? "create",
-      id: init.id ?? crypto.randomUUID(),
-      run_id: init.runId ?? crypto.randomUUID(),
-      payload: resource,
-    };
-    const subject = init.driver
-      ? `drivers.${init.driver}.resources.${init.resource}`
-      : `resources.${init.resource}`;
-    const wire = { ...message, payload: JSON.stringify(resource) };
-    let headers;
-    if (init.headers) {
-      headers = natsHeaders();
-      for (const [k, v] of Object.entries(init.headers)) headers.set(k, v);
-    }
-    const ack = await jetstream(nc).publish(subject, JSON.stringify(wire), { headers });
-    return { subject, message, seq: ack.seq };
-  });
-}
-
-/** One message read back by {@link readStream}. */
-export interface StoredMessage {
-  /** Subject it was published on. */
-  subject: string;
-  /** Stream sequence. */
-  seq: number;
-  /** Decoded JSON body. */
-  json: unknown;
-  /** NATS headers, as a plain object (first value of each). */
-  headers: Record<string, string>;
-}
-
-/**
- * Reads every message stored in a stream, optionally only those on
- * `subject`, without consuming them (direct reads by sequence).
- */
-export function readStream(
-  target: Target,
-  stream: string,
-  subject?: string,
-): Promise<StoredMessage[]> {
-  return withConnection(target, async (nc) => {
-    const jsm = await jetstreamManager(nc);
-    const info = await jsm.streams.info(stream);
-    const out: StoredMessage[] = [];
-    for (
-      let seq = info.state.first_seq;
-      seq <= info.state.last_seq && info.state.messages > 0;
-      seq++
-    ) {
-      const m = await jsm.streams.getMessage(stream, { seq }).catch(() => null);
-      if (!m) continue;
-      if (subject && m.subject !== subject) continue;
-      const headers: Record<string, string> = {};
-      for (const [k, v] of m.header ?? []) headers[k] = v[0];
-      out.push({ subject: m.subject, seq: m.seq, json: m.json(), headers });
-    }
-    return out;
-  });
-}
+export type { DriverMessage, LogEntry, Resource, ResultEnvelope } from "./types.ts";
+export {
+  createConveyorStreams,
+  type EventInit,
+  findNatsServer,
+  type NatsServer,
+  type NatsServerOptions,
+  type PublishedEvent,
+  publishEvent,
+  readStream,
+  startNatsServer,
+  type StoredMessage,
+  type Target,
+} from "./local_nats.ts";
+export {
+  type CapturedLog,
+  type EmitOptions,
+  type EmitResource,
+  type ReconcileDecision,
+  reconcileOnce,
+  type ReconcileOnceOptions,
+  type ReconcileOnceResult,
+  startTestConveyor,
+  type TestConveyor,
+  type TestConveyorOptions,
+  type TestResource,
+} from "./kit.ts";

@@ -33,7 +33,7 @@ export type JsonValue =
  * };
  * ```
  */
-export interface Resource {
+export interface Resource<Spec = unknown> {
   /** Server-assigned identifier. */
   id: string;
   /** The resource's name, unique within its type. */
@@ -44,8 +44,11 @@ export interface Resource {
   pipeline?: string;
   /** Arbitrary metadata; the server itself only writes string values. */
   metadata: Record<string, unknown>;
-  /** Resource-specific specification, any JSON. */
-  spec: unknown;
+  /**
+   * Resource-specific specification: any JSON, or, for a driver with a
+   * `spec` schema, what that schema made of it.
+   */
+  spec: Spec;
 }
 
 /**
