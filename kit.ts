@@ -325,8 +325,6 @@ export interface TestConveyor extends AsyncDisposable {
   readonly url: string;
   /** The `nats-server` process. */
   readonly server: NatsServer;
-  /** The kit's own connection (for anything the kit does not cover). */
-  readonly nc: NatsConnection;
   /** Publishes an event for `resource`, as the Conveyor server does. */
   emit(resource: EmitResource, options?: EmitOptions): Promise<PublishedEvent>;
   /**
@@ -393,7 +391,6 @@ export async function startTestConveyor(
   const conveyor: TestConveyor = {
     url: server.url,
     server,
-    nc,
     emit(resource, o = {}) {
       const init: EventInit = {
         resource: resource.resource,

@@ -283,6 +283,7 @@ function writePackageJson(deno, pkg, entries, graph) {
     type: "module",
     ...(main ? { main: main.default, types: main.types } : {}),
     exports,
+    ...(exports["./dev"] ? { bin: { "conveyor-dev": exports["./dev"].default } } : {}),
     files,
     engines: { node: ">=20" },
     dependencies: deps,

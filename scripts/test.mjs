@@ -219,7 +219,7 @@ if (wanted("static")) {
     ...ts("bench"),
     ...ts("testdata"),
   ]);
-  await run("doc", deno, ["doc", "--lint", "mod.ts"]);
+  await run("doc", deno, ["doc", "--lint", "mod.ts", "dev.ts"]);
   // JSR's checks, slow types among them; a dry run needs no network.
   await run("publish", deno, ["publish", "--dry-run", "--allow-dirty", "--quiet"]);
 }
