@@ -47,6 +47,7 @@ import {
  * @example
  * ```ts
  * import { type AuthOptions, createIdentity } from "@conveyor/driver";
+ * declare const certPem: string, keyPem: string, caPem: string; // PEM text from a secret store
  * const options: AuthOptions = { cert: certPem, key: keyPem, ca: caPem, tokenLifetime: 60_000 };
  * const identity = await createIdentity(options);
  * ```
@@ -210,6 +211,7 @@ export function authFromEnv(): AuthOptions | undefined {
  * @example
  * ```ts
  * import { createIdentity } from "@conveyor/driver";
+ * declare const certPem: string, keyPem: string; // PEM text from a secret store
  * const identity = await createIdentity({ cert: certPem, key: keyPem, rsaAlgorithm: "PS256" });
  * console.log(identity.algorithm, identity.thumbprint);
  * ```

@@ -307,7 +307,8 @@ interface Call {
  *
  * @example
  * ```ts
- * import { Client, ConveyorApiError } from "@conveyor/driver";
+ * import { Client, ConveyorApiError, createIdentity } from "@conveyor/driver";
+ * const identity = await createIdentity({ certFile: "client.crt", keyFile: "client.key" });
  * const api = new Client({ baseUrl: "http://localhost:8080", auth: identity });
  * try {
  *   const app = await api.getResource("app", "web");
@@ -381,6 +382,7 @@ export class Client {
    *
    * @example
    * ```ts
+   * import { Client } from "@conveyor/driver";
    * const { status } = await new Client().health(); // "healthy"
    * ```
    */
@@ -412,6 +414,8 @@ export class Client {
    *
    * @example
    * ```ts
+   * import { Client } from "@conveyor/driver";
+   * const api = new Client({ baseUrl: "http://localhost:8080" });
    * const { runid } = await api.createResource({ name: "web", resource: "app", pipeline: "ci", spec: {} });
    * ```
    */
@@ -526,6 +530,8 @@ export class Client {
    *
    * @example
    * ```ts
+   * import { Client } from "@conveyor/driver";
+   * const api = new Client({ baseUrl: "http://localhost:8080" });
    * await api.applyResourceDefinition({ name: "app", schema: { type: "object" } });
    * ```
    */
@@ -595,6 +601,8 @@ export class Client {
    *
    * @example
    * ```ts
+   * import { Client } from "@conveyor/driver";
+   * const api = new Client({ baseUrl: "http://localhost:8080" });
    * await api.createPipeline({
    *   name: "ci", resource: "app",
    *   steps: [{ id: "1", name: "build", driver: "builder" }],
@@ -659,6 +667,9 @@ export class Client {
    *
    * @example
    * ```ts
+   * import { Client } from "@conveyor/driver";
+   * const api = new Client({ baseUrl: "http://localhost:8080" });
+   * const runId = "0b7e1c1e-8d4e-4f7a-9a52-4a3b2c1d0e9f";
    * const lines = await api.listLogs({ runId, driver: "builder" });
    * ```
    */
@@ -692,6 +703,9 @@ export class Client {
    * is not a log entry (`status` 200).
    * @example
    * ```ts
+   * import { Client } from "@conveyor/driver";
+   * const api = new Client({ baseUrl: "http://localhost:8080" });
+   * const runId = "0b7e1c1e-8d4e-4f7a-9a52-4a3b2c1d0e9f";
    * const ac = new AbortController();
    * for await (const line of api.streamLogs({ runId, driver: "builder", signal: ac.signal })) {
    *   console.log(line.timestamp, line.message);

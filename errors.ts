@@ -14,7 +14,7 @@ import { redactUrl } from "./_util.ts";
  * ```ts
  * import { ConveyorError, serve } from "@conveyor/driver";
  * try {
- *   await serve(driver);
+ *   await serve({ name: "echo", resources: ["pipeline"], reconcile() {} });
  * } catch (err) {
  *   if (err instanceof ConveyorError) console.error(err.name, err.message);
  * }
@@ -131,10 +131,14 @@ export class InvalidMessageError extends ConveyorError {
  *
  * @example
  * ```ts
- * import { PermanentError } from "@conveyor/driver";
- * async function reconcile({ resource }) {
- *   if (!resource.spec) throw new PermanentError("spec is required");
- * }
+ * import { PermanentError, serve } from "@conveyor/driver";
+ * await serve({
+ *   name: "deployer",
+ *   resources: ["app"],
+ *   reconcile({ resource }) {
+ *     if (!resource.spec) throw new PermanentError("spec is required");
+ *   },
+ * });
  * ```
  */
 export class PermanentError extends ConveyorError {
@@ -249,6 +253,8 @@ export class ConveyorApiError extends ConveyorError {
    *
    * @example
    * ```ts
+   * import { Client, ConveyorApiError } from "@conveyor/driver";
+   * const api = new Client({ baseUrl: "http://localhost:8080" });
    * try {
    *   await api.getResource("app", "web");
    * } catch (err) {

@@ -18,7 +18,8 @@ import type { TelemetryOptions } from "./telemetry.ts";
  *
  * @example
  * ```ts
- * import { serve } from "@conveyor/driver";
+ * import { type Driver, serve } from "@conveyor/driver";
+ * const driver: Driver = { name: "builder", resources: ["app"], reconcile() {} };
  * await serve(driver, {
  *   servers: "nats://nats.ci.internal:4222",
  *   concurrency: 4,

@@ -47,6 +47,7 @@ export interface SseEvent {
  *   const line = JSON.parse(data);
  *   return { key: data, group: line.driver, time: Date.parse(line.timestamp) };
  * };
+ * const url = "http://localhost:8080/logs/pipeline/0b7e1c1e-8d4e-4f7a-9a52-4a3b2c1d0e9f";
  * for await (const ev of readSse(url, { key })) console.log(ev.data);
  * ```
  */

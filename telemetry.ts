@@ -43,8 +43,9 @@ import { errorName, errorText } from "./_util.ts";
  *
  * @example
  * ```ts
- * import { serve } from "@conveyor/driver";
+ * import { type Driver, serve } from "@conveyor/driver";
  * import { MeterProvider } from "@opentelemetry/sdk-metrics";
+ * const driver: Driver = { name: "builder", resources: ["app"], reconcile() {} };
  * const meterProvider = new MeterProvider({ readers: [] });
  * await serve(driver, { telemetry: { meterProvider } });
  * ```

@@ -385,8 +385,11 @@ export interface HealthStatus {
  * @example
  * ```ts
  * import { type BroadcastMessage, Client } from "@conveyor/driver";
- * const message: BroadcastMessage = { event: "create", runId, payload: resource };
- * await new Client().broadcastMessage(message);
+ * const api = new Client({ baseUrl: "http://localhost:8080" });
+ * const web = await api.getResource("app", "web");
+ * const runId = "0b7e1c1e-8d4e-4f7a-9a52-4a3b2c1d0e9f";
+ * const message: BroadcastMessage = { event: "sync", runId, payload: web };
+ * await api.broadcastMessage(message);
  * ```
  */
 export interface BroadcastMessage {

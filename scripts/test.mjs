@@ -8,7 +8,8 @@
 //   node scripts/test.mjs --faults    the long fault runs (faults_test, cluster_test)
 //                                     on Deno, Bun and Node: `npm run test:faults`
 import { spawn } from "node:child_process";
-import { readdirSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 
@@ -220,6 +221,29 @@ if (wanted("static")) {
     ...ts("testdata"),
   ]);
   await run("doc", deno, ["doc", "--lint", "mod.ts", "dev.ts"]);
+  // Every JSDoc @example and every ```ts block of README.md type-checks, importing
+  // "@conveyor/driver" as a user would (deno.json's name and exports resolve it).
+  // `--doc` checks the examples of the files given only, so every module is
+  // given: all but the tests and their helpers (test_*.ts).
+  const modules = ts(".").filter((f) => !f.endsWith("_test.ts") && !f.startsWith("test_"));
+  await run("doc-examples", deno, ["check", "--doc", ...modules, ...ts("examples")]);
+  await run("readme-examples", deno, ["check", "--doc-only", "README.md"]);
+  // The README's first snippet, the one people copy, also lints clean: it is
+  // linted from a temporary file, after as many blank lines as precede it in
+  // README.md, so that the reported line numbers are README.md's.
+  const readme = readFileSync(join(root, "README.md"), "utf8").split("\n");
+  const start = readme.findIndex((l) => /^```(?:ts|typescript)\s*$/.test(l));
+  const end = readme.findIndex((l, i) => i > start && /^```\s*$/.test(l));
+  const dir = mkdtempSync(join(tmpdir(), "conveyor-readme-"));
+  const snippet = join(dir, "README.md-first-snippet.ts");
+  if (start >= 0 && end > start) {
+    writeFileSync(snippet, "\n".repeat(start + 1) + readme.slice(start + 1, end).join("\n") + "\n");
+  } else {
+    // deno lint then fails on the missing file, after this says why.
+    process.stdout.write("\nreadme-lint: README.md has no ```ts block\n");
+  }
+  await run("readme-lint", deno, ["lint", snippet]);
+  rmSync(dir, { recursive: true, force: true });
   // JSR's checks, slow types among them; a dry run needs no network.
   await run("publish", deno, ["publish", "--dry-run", "--allow-dirty", "--quiet"]);
 }
