@@ -4,11 +4,11 @@ import process from "node:process";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import {
-  createConveyorStreams,
   type NatsServer,
   readStream,
-  startNatsServer,
+  startTestConveyor,
   type StoredMessage,
+  type TestConveyor,
 } from "./testing.ts";
 
 /** Polls `check` until it returns a truthy value or `timeout` ms pass. */
@@ -33,28 +33,33 @@ export async function waitFor<T>(
   );
 }
 
-/** A nats-server with the Conveyor streams and a client connection. */
+/**
+ * The testing kit's conveyor (a nats-server with the Conveyor streams), plus
+ * a connection that rides out server restarts, for the tests that go below
+ * what the kit offers.
+ */
 export interface Env extends AsyncDisposable {
+  conveyor: TestConveyor;
   server: NatsServer;
   nc: NatsConnection;
   url: string;
 }
 
 export async function conveyorEnv(): Promise<Env> {
-  const server = await startNatsServer();
-  await createConveyorStreams(server.url);
+  const conveyor = await startTestConveyor();
   const nc = await connect({
-    servers: server.url,
+    servers: conveyor.url,
     maxReconnectAttempts: -1,
     reconnectTimeWait: 100,
   });
   return {
-    server,
+    conveyor,
+    server: conveyor.server,
     nc,
-    url: server.url,
+    url: conveyor.url,
     async [Symbol.asyncDispose]() {
       await nc.close().catch(() => {});
-      await server.stop();
+      await conveyor.stop();
     },
   };
 }

@@ -8,7 +8,7 @@
 //   node scripts/test.mjs --faults    the long fault runs (faults_test, cluster_test)
 //                                     on Deno, Bun and Node: `npm run test:faults`
 import { spawn } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -227,7 +227,33 @@ if (wanted("static")) {
   // given: all but the tests and their helpers (test_*.ts).
   const modules = ts(".").filter((f) => !f.endsWith("_test.ts") && !f.startsWith("test_"));
   await run("doc-examples", deno, ["check", "--doc", ...modules, ...ts("examples")]);
-  await run("readme-examples", deno, ["check", "--doc-only", "README.md"]);
+  // README.md's ```ts blocks are type-checked from files: a block whose first
+  // line is `// name.ts` is written under that name (so the test block of
+  // "Testing your driver" imports the driver block), the others as
+  // readme_<line>.ts, in .cache/readme/ (inside the repository, so that
+  // "@conveyor/driver" resolves as for a user). The *_test.ts blocks then run
+  // on Deno and Bun: that section is executable as written.
+  const readmeDir = join(root, ".cache", "readme");
+  rmSync(readmeDir, { recursive: true, force: true });
+  mkdirSync(readmeDir, { recursive: true });
+  const readmeFiles = [];
+  const readmeLines = readFileSync(join(root, "README.md"), "utf8").split("\n");
+  for (let i = 0; i < readmeLines.length; i++) {
+    if (!/^```(?:ts|typescript)\s*$/.test(readmeLines[i])) continue;
+    const close = readmeLines.findIndex((l, k) => k > i && /^```\s*$/.test(l));
+    const body = readmeLines.slice(i + 1, close);
+    const named = /^\/\/ ([\w.-]+\.ts)$/.exec(body[0] ?? "");
+    const file = join(readmeDir, named ? named[1] : `readme_${i + 1}.ts`);
+    writeFileSync(file, body.join("\n") + "\n");
+    readmeFiles.push(file);
+    i = close;
+  }
+  await run("readme-examples", deno, ["check", ...readmeFiles]);
+  const readmeTests = readmeFiles.filter((f) => f.endsWith("_test.ts"));
+  if (readmeTests.length > 0) {
+    await run("readme-tests-deno", deno, ["test", "-A", ...readmeTests]);
+    await run("readme-tests-bun", bin("bun"), ["test", "--timeout", "120000", ...readmeTests]);
+  }
   // The README's first snippet, the one people copy, also lints clean: it is
   // linted from a temporary file, after as many blank lines as precede it in
   // README.md, so that the reported line numbers are README.md's.
