@@ -242,7 +242,7 @@ if (wanted("static")) {
     if (!/^```(?:ts|typescript)\s*$/.test(readmeLines[i])) continue;
     const close = readmeLines.findIndex((l, k) => k > i && /^```\s*$/.test(l));
     const body = readmeLines.slice(i + 1, close);
-    const named = /^\/\/ ([\w.-]+\.ts)$/.exec(body[0] ?? "");
+    const named = /^\/\/ ([\w.-]+\.ts)(?::|$)/.exec(body[0] ?? "");
     const file = join(readmeDir, named ? named[1] : `readme_${i + 1}.ts`);
     writeFileSync(file, body.join("\n") + "\n");
     readmeFiles.push(file);
