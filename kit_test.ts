@@ -12,9 +12,18 @@ import {
   type SpecSchema,
   startDriver,
 } from "./mod.ts";
+import { spawnSync } from "node:child_process";
+import { readdirSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import process from "node:process";
 import {
+  fetchNatsServer,
+  findNatsServer,
   type ReconcileDecision,
   reconcileOnce,
+  startNatsServer,
   startTestConveyor,
   type TestConveyor,
 } from "./testing.ts";
@@ -267,5 +276,49 @@ describe("startTestConveyor", () => {
       conveyor.waitForResult(crypto.randomUUID(), { timeout: 100 }),
       /no result of run .* within 100 ms/,
     );
+  });
+});
+
+describe("finding and fetching nats-server", () => {
+  it("fetches a nats-server >= 2.10 from Debian's archive into the cache directory given", async (t) => {
+    const hasApt = spawnSync("sh", ["-c", "command -v apt-get && command -v dpkg"]).status === 0;
+    if (!hasApt) {
+      t.skip("no apt-get and dpkg here (not Debian or Ubuntu): nothing to fetch with");
+      return;
+    }
+    // The network fetch is checked once, on Deno; Bun and Node run the same code.
+    if (!("Deno" in globalThis)) {
+      t.skip("the archive is fetched from on Deno only, to spare the network");
+      return;
+    }
+    const cacheDir = await mkdtemp(join(tmpdir(), "conveyor-fetch-"));
+    try {
+      const binary = fetchNatsServer({ cacheDir });
+      assert.equal(binary, join(cacheDir, "nats-server", "usr", "sbin", "nats-server"));
+      const version = spawnSync(binary, ["--version"], { encoding: "utf8" }).stdout;
+      const [, major, minor] = /v(\d+)\.(\d+)/.exec(version)!.map(Number);
+      assert.ok(major > 2 || minor >= 10, version);
+      assert.deepEqual(readdirSync(cacheDir), ["nats-server"], "the apt work directory is gone");
+      // A second call finds it without fetching.
+      const started = Date.now();
+      assert.equal(fetchNatsServer({ cacheDir }), binary);
+      assert.ok(Date.now() - started < 5_000);
+      // And the kit runs on it.
+      await using server = await startNatsServer({ binary });
+      assert.match(server.url, /^nats:\/\/127\.0\.0\.1:\d+$/);
+    } finally {
+      await rm(cacheDir, { recursive: true, force: true });
+    }
+  });
+
+  it("uses NATS_SERVER_BIN first", () => {
+    const saved = process.env.NATS_SERVER_BIN;
+    process.env.NATS_SERVER_BIN = "/opt/nats/nats-server";
+    try {
+      assert.equal(findNatsServer(), "/opt/nats/nats-server");
+    } finally {
+      if (saved === undefined) delete process.env.NATS_SERVER_BIN;
+      else process.env.NATS_SERVER_BIN = saved;
+    }
   });
 });

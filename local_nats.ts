@@ -6,9 +6,9 @@
  * @module
  */
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { homedir, tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
@@ -40,14 +40,31 @@ export interface NatsServerOptions {
   args?: string[];
   /** How long to wait for the server to be ready, in ms. @default 10_000 */
   readyTimeout?: number;
+  /**
+   * When none is found, fetch one from Debian's archive with
+   * {@link fetchNatsServer} (Debian and Ubuntu only).
+   * @default true
+   */
+  fetch?: boolean;
 }
 
-/** Finds a `nats-server` binary: env `NATS_SERVER_BIN`, the set-up script's cache, then PATH. */
+/**
+ * Finds a `nats-server` >= 2.10: env `NATS_SERVER_BIN`, the project's set-up
+ * cache (`.cache/` of a clone), the user cache {@link fetchNatsServer} fills,
+ * then PATH. Throws an error naming every way to provide one.
+ *
+ * @example
+ * ```ts
+ * import { findNatsServer } from "@conveyor/driver/testing";
+ * console.log(findNatsServer()); // e.g. /usr/sbin/nats-server
+ * ```
+ */
 export function findNatsServer(): string {
   const env = process.env.NATS_SERVER_BIN;
   if (env) return env;
   const candidates = [
     join(process.cwd(), ".cache", "nats-server", "usr", "sbin", "nats-server"),
+    join(userCacheDir(), "nats-server", "usr", "sbin", "nats-server"),
   ];
   try {
     candidates.push(
@@ -56,18 +73,124 @@ export function findNatsServer(): string {
       ),
     );
   } catch { /* not a file: URL (bundled) */ }
-  for (const c of candidates) if (existsSync(c)) return c;
+  for (const c of candidates) if (existsSync(c) && recentEnough(c)) return c;
   const which = spawnSync("sh", ["-c", "command -v nats-server"], {
     encoding: "utf8",
   });
-  if (which.status === 0 && which.stdout.trim()) return which.stdout.trim();
+  const onPath = which.status === 0 ? which.stdout.trim() : "";
+  if (onPath && recentEnough(onPath)) return onPath;
   throw new Error(
-    "nats-server (>= 2.10, with JetStream) not found: put one on PATH or set NATS_SERVER_BIN " +
-      "to its path. Get it from https://github.com/nats-io/nats-server/releases, your package " +
-      "manager (Debian: trixie or newer; bookworm's 2.9 is too old), or `go install " +
-      "github.com/nats-io/nats-server/v2@latest`. In a clone of @conveyor/driver, " +
-      "`npm run setup` fetches one.",
+    "nats-server (>= 2.10, with JetStream) not found" +
+      (onPath ? ` (${onPath} is older)` : "") +
+      ": put one on PATH or set NATS_SERVER_BIN to its path. Get it from " +
+      "https://github.com/nats-io/nats-server/releases, your package manager (Debian: trixie " +
+      "or newer; bookworm's 2.9 is too old), or `go install " +
+      "github.com/nats-io/nats-server/v2@latest`; on Debian and Ubuntu, fetchNatsServer() " +
+      "(which startNatsServer tries) fetches one from Debian's archive into " +
+      `${join(userCacheDir(), "nats-server")}.`,
   );
+}
+
+/** Where fetched binaries are kept: `$XDG_CACHE_HOME/conveyor-driver` or `~/.cache/conveyor-driver`. */
+function userCacheDir(): string {
+  const base = process.env.XDG_CACHE_HOME || join(homedir(), ".cache");
+  return join(base, "conveyor-driver");
+}
+
+/** Whether `binary` runs and says it is nats-server 2.10 or later. */
+function recentEnough(binary: string): boolean {
+  const r = spawnSync(binary, ["--version"], { encoding: "utf8" });
+  const m = /v?(\d+)\.(\d+)\.\d+/.exec(`${r.stdout ?? ""}${r.stderr ?? ""}`);
+  if (!m) return false;
+  const [major, minor] = [Number(m[1]), Number(m[2])];
+  return major > 2 || (major === 2 && minor >= 10);
+}
+
+/**
+ * Fetches `nats-server` from Debian's archive (suite trixie, else sid) with a
+ * private apt configuration, leaving the machine's apt state alone, and
+ * unpacks it into `cacheDir` (default `~/.cache/conveyor-driver`). Needs
+ * `apt-get` and `dpkg` (Debian, Ubuntu) and access to deb.debian.org;
+ * returns the binary's path, or throws saying what failed.
+ *
+ * @example
+ * ```ts
+ * import { fetchNatsServer } from "@conveyor/driver/testing";
+ * const binary = fetchNatsServer(); // once; later findNatsServer() finds it
+ * ```
+ */
+export function fetchNatsServer(options: { cacheDir?: string } = {}): string {
+  const root = options.cacheDir ?? userCacheDir();
+  const out = join(root, "nats-server");
+  const binary = join(out, "usr", "sbin", "nats-server");
+  if (existsSync(binary) && recentEnough(binary)) return binary;
+  const work = join(root, "apt");
+  const tried: string[] = [];
+  try {
+    for (const suite of ["trixie", "sid"]) {
+      rmSync(work, { recursive: true, force: true });
+      for (const d of ["lists/partial", "cache/archives/partial", "dl"]) {
+        mkdirSync(join(work, d), { recursive: true });
+      }
+      const sources = join(work, "sources.list");
+      writeFileSync(
+        sources,
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] " +
+          `http://deb.debian.org/debian ${suite} main\n`,
+      );
+      const opts = [
+        `-oDir::Etc::SourceList=${sources}`,
+        "-oDir::Etc::SourceParts=/dev/null",
+        `-oDir::State::Lists=${join(work, "lists")}`,
+        `-oDir::Cache=${join(work, "cache")}`,
+        "-oDir::State::Status=/dev/null",
+        "-oDebug::NoLocking=1",
+        "-oAPT::Sandbox::User=root",
+        "-qq",
+      ];
+      const update = spawnSync("apt-get", [...opts, "update"], { encoding: "utf8" });
+      if (update.error || update.status !== 0) {
+        tried.push(`apt-get update (${suite}): ${update.error?.message ?? update.stderr.trim()}`);
+        continue;
+      }
+      const dir = join(work, "dl");
+      const dl = spawnSync("apt-get", [...opts, "download", "nats-server"], {
+        cwd: dir,
+        encoding: "utf8",
+      });
+      const deb = readdirSync(dir).find((f) => f.endsWith(".deb"));
+      if (dl.status !== 0 || !deb) {
+        tried.push(`apt-get download nats-server (${suite}): ${dl.stderr.trim()}`);
+        continue;
+      }
+      rmSync(out, { recursive: true, force: true });
+      const x = spawnSync("dpkg", ["-x", join(dir, deb), out], { encoding: "utf8" });
+      if (x.status === 0 && recentEnough(binary)) return binary;
+      tried.push(`dpkg -x ${deb}: ${x.error?.message ?? x.stderr.trim()}`);
+    }
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+  throw new Error(
+    `cannot fetch nats-server from Debian's archive: ${tried.join("; ")}. Put a nats-server ` +
+      ">= 2.10 on PATH or set NATS_SERVER_BIN.",
+  );
+}
+
+function binaryOrFetch(options: NatsServerOptions): string {
+  if (options.binary) return options.binary;
+  try {
+    return findNatsServer();
+  } catch (notFound) {
+    if (options.fetch === false) throw notFound;
+    try {
+      return fetchNatsServer();
+    } catch (err) {
+      throw new Error(`${(notFound as Error).message} ${(err as Error).message}`, {
+        cause: err,
+      });
+    }
+  }
 }
 
 async function launch(
@@ -160,7 +283,7 @@ function killAndWait(
 export async function startNatsServer(
   options: NatsServerOptions = {},
 ): Promise<NatsServer> {
-  const binary = options.binary ?? findNatsServer();
+  const binary = binaryOrFetch(options);
   const args = options.args ?? [];
   const readyTimeout = options.readyTimeout ?? 10_000;
   const storeDir = await mkdtemp(join(tmpdir(), "conveyor-nats-"));

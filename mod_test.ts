@@ -49,6 +49,7 @@ describe("public API", () => {
   it("testing.ts exports exactly these values", () => {
     assert.deepEqual(Object.keys(testing).sort(), [
       "createConveyorStreams",
+      "fetchNatsServer",
       "findNatsServer",
       "publishEvent",
       "readStream",

@@ -40,6 +40,7 @@ export type { DriverMessage, LogEntry, Resource, ResultEnvelope } from "./types.
 export {
   createConveyorStreams,
   type EventInit,
+  fetchNatsServer,
   findNatsServer,
   type NatsServer,
   type NatsServerOptions,
