@@ -87,13 +87,16 @@ export interface CapturedLog {
  * - `terminate`: report `result` (a failure) and stop redelivering it;
  * - `retry`: report nothing yet and redeliver it after `delay` ms;
  * - `skip`: the driver does not handle this event: acknowledge it without a
- *   result, and reconcile was not called.
+ *   result, and reconcile was not called;
+ * - `handBack`: the reconcile was stopped by `options.signal` (as by a
+ *   shutdown): give the event back at once, unreported, for another attempt.
  */
 export type ReconcileDecision =
   | { action: "ack" }
   | { action: "terminate"; error?: unknown }
   | { action: "retry"; delay: number; reason: string; error: unknown }
-  | { action: "skip"; reason: string };
+  | { action: "skip"; reason: string }
+  | { action: "handBack"; reason: string };
 
 /** What {@link reconcileOnce} found. */
 export interface ReconcileOnceResult {
@@ -222,6 +225,8 @@ export async function reconcileOnce<Spec>(
   } catch (error) {
     outcome = error instanceof ReconcileTimeoutError && ac.signal.reason === error
       ? { kind: "timedOut", error }
+      : options.signal?.aborted
+      ? { kind: "abandoned" } // as a shutdown that stopped waiting
       : { kind: "threw", error };
   } finally {
     clearTimeout(timer);
@@ -241,7 +246,7 @@ export async function reconcileOnce<Spec>(
         },
       };
     case "handBack":
-      return { result: undefined, logs, decision: { action: "skip", reason: decision.reason } };
+      return { result: undefined, logs, decision: { action: "handBack", reason: decision.reason } };
     case "report": {
       const fitted = fitResult(decision.result, {
         driver: driver.name,

@@ -210,7 +210,8 @@ describe("reconcileOnce applies the runtime's rules", () => {
     const pending = reconcileOnce(patient, { name: "web" }, { signal: ac.signal });
     ac.abort(new Error("shutting down"));
     const stopped = await pending;
-    assert.equal(stopped.decision.action, "retry");
+    assert.equal(stopped.decision.action, "handBack");
+    assert.equal(stopped.result, undefined);
   });
 });
 
