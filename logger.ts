@@ -422,17 +422,27 @@ function stderrSink(): Sink {
 export async function ensureLogging(
   o: { configureLogging: boolean; logLevel: Level | "trace" | "fatal" },
 ): Promise<void> {
-  if (!o.configureLogging || getConfig() !== null) return;
-  try {
-    await configure({
-      sinks: { stderr: stderrSink() },
-      loggers: [
-        { category: ["conveyor"], lowestLevel: o.logLevel, sinks: ["stderr"] },
-        { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
-      ],
-    });
-  } catch (err) {
-    // Configured concurrently by someone else: theirs wins. Anything else is a bug.
-    if (getConfig() === null) throw err;
-  }
+  if (!o.configureLogging) return;
+  // Drivers started together (`Promise.all([serve(a), serve(b)])`) share the
+  // first one's configure(): LogTape refuses a second while one is under way.
+  if (configuring) return await configuring;
+  if (getConfig() !== null) return;
+  configuring = (async () => {
+    try {
+      await configure({
+        sinks: { stderr: stderrSink() },
+        loggers: [
+          { category: ["conveyor"], lowestLevel: o.logLevel, sinks: ["stderr"] },
+          { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
+        ],
+      });
+    } catch (err) {
+      // Configured concurrently by someone else: theirs wins. Anything else is a bug.
+      if (getConfig() === null) throw err;
+    }
+  })().finally(() => (configuring = undefined));
+  await configuring;
 }
+
+/** The default sink's configure() while it is under way. */
+let configuring: Promise<void> | undefined;

@@ -1,8 +1,8 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { configure, type LogRecord, reset } from "@logtape/logtape";
+import { configure, getConfig, type LogRecord, reset } from "@logtape/logtape";
 import { jetstream } from "@nats-io/jetstream";
-import { createRunLog } from "./logger.ts";
+import { createRunLog, ensureLogging } from "./logger.ts";
 import { startDriver } from "./mod.ts";
 import { publishEvent, readStream } from "./testing.ts";
 import { conveyorEnv, sddValidators, waitFor } from "./test_util.ts";
@@ -151,6 +151,19 @@ describe("DriverLogger", () => {
     assert.equal(m.headers["Conveyor-Label-branch"], "main\\r\\nX-Injected: yes");
     assert.equal(m.headers["Conveyor-Label-tab"], "a\tb");
     assert.equal(m.headers["X-Injected"], undefined);
+  });
+
+  it("sets up the default sink once for drivers starting together", async () => {
+    await reset();
+    try {
+      const o = { configureLogging: true, logLevel: "warning" } as const;
+      // LogTape refuses a configure() while another is under way.
+      await Promise.all([ensureLogging(o), ensureLogging(o), ensureLogging(o)]);
+      assert.deepEqual(Object.keys(getConfig()?.sinks ?? {}), ["stderr"]);
+      await ensureLogging(o); // configured already: left as it is
+    } finally {
+      await reset();
+    }
   });
 
   it("mirrors the text to LogTape as a property, never as a template", async () => {

@@ -141,6 +141,22 @@ export async function publishMany(
   return runIds;
 }
 
+/**
+ * Waits until driver `name`'s consumer exists on stream `messages`: a driver
+ * started in another process takes events from then on (the stream drops
+ * those published before any consumer wanted them).
+ */
+export function consumerReady(nc: NatsConnection, name: string, timeout = 30_000) {
+  return waitFor(
+    async () => {
+      const jsm = await jetstreamManager(nc);
+      return await jsm.consumers.info("messages", name).then(() => true, () => false);
+    },
+    `driver ${name}'s consumer`,
+    timeout,
+  );
+}
+
 /** Delivered and acknowledged counts of a driver's consumer. */
 export async function consumerState(nc: NatsConnection, name: string) {
   const jsm = await jetstreamManager(nc);

@@ -4,7 +4,8 @@
 // tests on Node.
 //
 //   node scripts/build_npm.mjs                 build npm/
-//   node scripts/build_npm.mjs --test          build, then run npm/*_test.js on Node
+//   node scripts/build_npm.mjs --test          build, then run npm/*_test.js and
+//                                              npm/examples/*_test.js on Node
 //   node scripts/build_npm.mjs --test -- ARGS  ... passing ARGS to `node --test`
 //                                              (e.g. --test-name-pattern=shutdown)
 //   node scripts/build_npm.mjs --test --files=faults_test,cluster_test
@@ -31,6 +32,8 @@ import ts from "typescript";
 const root = resolve(import.meta.dirname, "..");
 const outDir = join(root, "npm");
 const tsconfigPath = join(root, "tsconfig.build.json");
+/** Folders of npm/ whose *_test.js files `--test` runs ("" is npm/ itself). */
+const testDirs = ["", "examples"];
 /** Non-TS folders the tests read at runtime, copied next to the built modules. */
 const assetDirs = ["schemas", "testdata"];
 /** Top-level files shipped with the package when present. */
@@ -323,9 +326,17 @@ function build() {
 
 /** Runs the built tests with `node --test`; resolves to the exit code. */
 function runTests(passthrough, files) {
-  const tests = readdirSync(outDir).filter((f) =>
-    f.endsWith("_test.js") && (!files || files.includes(f.slice(0, -3)))
-  ).sort();
+  // npm/*_test.js and npm/examples/*_test.js; --files names either
+  // "a_test" or "examples/a_test".
+  const tests = testDirs.flatMap((dir) =>
+    existsSync(join(outDir, dir))
+      ? readdirSync(join(outDir, dir)).map((f) => (dir ? `${dir}/${f}` : f))
+      : []
+  ).filter((f) => {
+    const name = f.slice(0, -3);
+    return f.endsWith("_test.js") &&
+      (!files || files.includes(name) || files.includes(name.split("/").pop()));
+  }).sort();
   if (tests.length === 0) fail("no npm/*_test.js to run");
   // The spec reporter reads better than TAP, which Node picks when its output
   // is piped (as scripts/test.mjs does); unless ARGS choose a reporter.

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // The whole test suite, as `npm test`, `deno task test` and `.ci/run` run it:
-// static checks, then every *_test.ts on Deno and on Bun, then the npm build's
-// tests on Node. Each test file starts its own nats-server processes. Each
-// stage's output streams through as it comes; the end names every failing test.
+// static checks, then every *_test.ts and examples/*_test.ts on Deno and on
+// Bun, then the npm build's tests on Node. Each test file starts its own
+// nats-server processes. Each stage's output streams through as it comes; the
+// end names every failing test.
 //
 //   node scripts/test.mjs [--only deno|bun|node|static] [--skip node]
 //   node scripts/test.mjs --faults    the long fault runs (faults_test, cluster_test)
@@ -37,9 +38,12 @@ delete env.FORCE_COLOR;
 const FAULT_FILES = ["faults_test", "cluster_test"];
 if (values.faults) env.CONVEYOR_FAULTS = "long";
 
-const testFiles = readdirSync(root).filter((f) =>
-  f.endsWith("_test.ts") && (!values.faults || FAULT_FILES.includes(f.slice(0, -3)))
-).sort();
+// The tests at the top level, then those of the examples (examples/*_test.ts).
+const testFiles = ["", "examples"].flatMap((dir) =>
+  readdirSync(join(root, dir)).filter((f) =>
+    f.endsWith("_test.ts") && (!values.faults || FAULT_FILES.includes(f.slice(0, -3)))
+  ).sort().map((f) => (dir ? `${dir}/${f}` : f))
+);
 const totals = { passed: 0, failed: 0 };
 const failedStages = [];
 /** For the final summary: one line per failing test, or per failing stage. */
