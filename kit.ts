@@ -89,14 +89,15 @@ export interface CapturedLog {
  * - `skip`: the driver does not handle this event: acknowledge it without a
  *   result, and reconcile was not called;
  * - `handBack`: the reconcile was stopped by `options.signal` (as by a
- *   shutdown): give the event back at once, unreported, for another attempt.
+ *   shutdown): give the event back at once, unreported, for another attempt;
+ *   `error` is what reconcile rejected with, if it did.
  */
 export type ReconcileDecision =
   | { action: "ack" }
   | { action: "terminate"; error?: unknown }
   | { action: "retry"; delay: number; reason: string; error: unknown }
   | { action: "skip"; reason: string }
-  | { action: "handBack"; reason: string };
+  | { action: "handBack"; reason: string; error?: unknown };
 
 /** What {@link reconcileOnce} found. */
 export interface ReconcileOnceResult {
@@ -209,6 +210,7 @@ export async function reconcileOnce<Spec>(
     traceContext: otelContext.active(),
   };
   let outcome: Outcome;
+  let thrown: { error: unknown } | undefined;
   try {
     const run = callReconcile(driver, ctx);
     const timedOut = limit !== undefined && limit > 0 && limit !== Infinity
@@ -223,6 +225,7 @@ export async function reconcileOnce<Spec>(
     const value = await (timedOut ? Promise.race([run, timedOut]) : run);
     outcome = { kind: "returned", value };
   } catch (error) {
+    thrown = { error };
     outcome = error instanceof ReconcileTimeoutError && ac.signal.reason === error
       ? { kind: "timedOut", error }
       : options.signal?.aborted
@@ -246,7 +249,11 @@ export async function reconcileOnce<Spec>(
         },
       };
     case "handBack":
-      return { result: undefined, logs, decision: { action: "handBack", reason: decision.reason } };
+      return {
+        result: undefined,
+        logs,
+        decision: { action: "handBack", reason: decision.reason, ...thrown },
+      };
     case "report": {
       const fitted = fitResult(decision.result, {
         driver: driver.name,

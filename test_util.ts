@@ -146,15 +146,24 @@ export async function publishMany(
  * started in another process takes events from then on (the stream drops
  * those published before any consumer wanted them).
  */
-export function consumerReady(nc: NatsConnection, name: string, timeout = 30_000) {
-  return waitFor(
-    async () => {
-      const jsm = await jetstreamManager(nc);
-      return await jsm.consumers.info("messages", name).then(() => true, () => false);
-    },
-    `driver ${name}'s consumer`,
-    timeout,
-  );
+export async function consumerReady(
+  target: NatsConnection | string,
+  name: string,
+  timeout = 30_000,
+): Promise<boolean> {
+  const nc = typeof target === "string" ? await connect({ servers: target }) : target;
+  try {
+    return await waitFor(
+      async () => {
+        const jsm = await jetstreamManager(nc);
+        return await jsm.consumers.info("messages", name).then(() => true, () => false);
+      },
+      `driver ${name}'s consumer`,
+      timeout,
+    );
+  } finally {
+    if (typeof target === "string") await nc.close();
+  }
 }
 
 /** Delivered and acknowledged counts of a driver's consumer. */

@@ -144,7 +144,7 @@ describe("examples/http_check.ts", () => {
     const reason = new Error("shutting down");
     ac.abort(reason);
     const { decision } = await pending;
-    assert.equal(decision.action, "retry");
+    assert.equal(decision.action, "handBack");
     assert.equal((decision as { error?: unknown }).error, reason);
     assert.equal(api.requests.length, before, "nothing recorded");
   });

@@ -114,7 +114,7 @@ describe("examples/multi_resource.ts", () => {
       "the skipped events",
     );
     // Only the three handled events have a result.
-    const stored = await readStream(conveyor.nc, "pipeline-engine");
+    const stored = await readStream(conveyor.url, "pipeline-engine");
     assert.deepEqual(
       stored.map((m) => (m.json as { run_id: string }).run_id).sort(),
       handled.map((e) => e.message.run_id).sort(),
@@ -126,7 +126,7 @@ describe("examples/multi_resource.ts", () => {
     await using program = spawnProgram("examples/multi_resource", { NATS_URL: conveyor.url }, {
       stderr: "capture",
     });
-    for (const d of drivers) await consumerReady(conveyor.nc, d.name);
+    for (const d of drivers) await consumerReady(conveyor.url, d.name);
     const a = await conveyor.emit({
       resource: "repository",
       name: "p",

@@ -65,7 +65,7 @@ describe("examples/node/driver.mjs", () => {
         throw new Error(`node driver.mjs exited (${code}) before consuming: ${output}`);
       });
       early.catch(() => {}); // it exits at the end, on purpose
-      await Promise.race([consumerReady(conveyor.nc, "node-greeter"), early]);
+      await Promise.race([consumerReady(conveyor.url, "node-greeter"), early]);
       const hello = await conveyor.emit({
         resource: "greeting",
         name: "hi",

@@ -173,7 +173,7 @@ describe("examples/shell.ts", () => {
       const { result, decision } = await pending;
       const took = Date.now() - aborted;
       assert.equal(result, undefined);
-      assert.equal(decision.action, "retry");
+      assert.equal(decision.action, "handBack");
       assert.equal((decision as { error?: unknown }).error, reason);
       assert.ok(took >= KILL_GRACE_MS - 50 && took < 3_000, `returned after ${took} ms`);
       await allGone(pids);
@@ -235,7 +235,7 @@ describe("examples/shell.ts", () => {
     await using program = spawnProgram("examples/shell", { NATS_URL: conveyor.url }, {
       stderr: "capture",
     });
-    await consumerReady(conveyor.nc, "shell");
+    await consumerReady(conveyor.url, "shell");
     const e = await conveyor.emit({
       resource: "shell",
       name: "program",
