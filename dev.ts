@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+/// <reference lib="esnext.disposable" preserve="true" />
 /**
  * `conveyor-dev`: a local stand-in for Conveyor's NATS side, to run your own
  * driver against while you write it. It starts a `nats-server` with the three

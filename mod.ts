@@ -1,3 +1,5 @@
+/// <reference lib="esnext.disposable" preserve="true" />
+// (The declarations use AsyncDisposable: consumers whose "lib" lacks it still type-check.)
 /**
  * Driver runtime for [Conveyor CI](https://conveyor.open.ug): consume resource
  * events from NATS JetStream, run your `reconcile()` for each, ship its logs

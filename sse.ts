@@ -315,11 +315,12 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
         onEvent(ev) {
           const out: SseEvent = { data: ev.data };
           if (ev.event !== undefined) out.event = ev.event;
-          if (ev.id !== undefined) out.id = ev.id;
+          if (ev.id !== undefined) {
+            out.id = ev.id;
+            // eventsource-parser 3 (kept for Node 20) reports ids with events only.
+            lastId = ev.id;
+          }
           queue.push(out);
-        },
-        onId(id) {
-          lastId = id;
         },
         onRetry(ms) {
           serverRetry = ms;
@@ -330,6 +331,16 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
         },
       });
       const decoder = new TextDecoder();
+      // Line ends become "\n" here: a CR at the end of a read is a line end at
+      // once (the parser would hold it, waiting to see whether a LF follows,
+      // until the next bytes: a heartbeat 15 s later), and a LF right after
+      // it is then dropped.
+      let afterCr = false;
+      const lines = (text: string): string => {
+        if (afterCr && text.startsWith("\n")) text = text.slice(1);
+        if (text !== "") afterCr = text.endsWith("\r");
+        return text.replace(/\r\n?/g, "\n");
+      };
       let sawComment = false;
       // Bytes since the last event or comment: what the parser may be holding.
       let pending = 0;
@@ -338,7 +349,7 @@ async function* stream(url: URL, o: SseOptions): AsyncGenerator<SseEvent, void, 
         if (done) break;
         lastData = Date.now();
         sawComment = false;
-        parser.feed(decoder.decode(value, { stream: true }));
+        parser.feed(lines(decoder.decode(value, { stream: true })));
         pending = queue.length > 0 || sawComment ? 0 : pending + value.length;
         if (pending > maxEventBytes) {
           throw new Fatal(

@@ -1,3 +1,5 @@
+/// <reference lib="esnext.disposable" preserve="true" />
+// (The declarations use AsyncDisposable: consumers whose "lib" lacks it still type-check.)
 /**
  * The testing kit for driver authors:
  * - {@link reconcileOnce} runs a driver's `reconcile` without NATS, under

@@ -271,6 +271,19 @@ function writePackageJson(deno, pkg, entries, graph) {
     for (const ext of [".js", ".d.ts"]) {
       if (!existsSync(join(outDir, s + ext))) fail(`build did not produce npm/${s}${ext}`);
     }
+    // The declarations use AsyncDisposable: each entry point pulls in the lib
+    // that declares it, so that a consumer whose tsconfig has no "lib" (or an
+    // older one) still type-checks, on TypeScript 5 and 7. tsc keeps the
+    // source's directive in some files only, so it is ensured here.
+    const dts = join(outDir, s + ".d.ts");
+    const text = readFileSync(dts, "utf8");
+    if (!text.includes('<reference lib="esnext.disposable"')) {
+      const shebang = text.startsWith("#!") ? text.slice(0, text.indexOf("\n") + 1) : "";
+      writeFileSync(
+        dts,
+        `${shebang}/// <reference lib="esnext.disposable" />\n${text.slice(shebang.length)}`,
+      );
+    }
     exports[sub] = { types: `./${s}.d.ts`, default: `./${s}.js` };
   }
   const main = exports["."];
@@ -288,7 +301,8 @@ function writePackageJson(deno, pkg, entries, graph) {
     exports,
     ...(exports["./dev"] ? { bin: { "conveyor-dev": exports["./dev"].default } } : {}),
     files,
-    engines: { node: ">=20" },
+    // Checked against every runtime dependency by scripts/check_package.mjs.
+    engines: pkg.engines ?? { node: ">=20" },
     dependencies: deps,
   };
   for (const k of ["repository", "homepage", "bugs", "keywords", "author"]) {

@@ -293,6 +293,11 @@ if (wanted("node")) {
     ],
     parseNode,
   );
+  // The package as a user installs it: its dependencies' engines, and its
+  // declarations under TypeScript 5 and 7 (scripts/check_package.mjs).
+  if (!values.faults) {
+    await run("package", process.execPath, [join(root, "scripts", "check_package.mjs")]);
+  }
 }
 
 if (failures.length) {
