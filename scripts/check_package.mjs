@@ -1,4 +1,6 @@
-// Checks the npm package as a user gets it (run after scripts/build_npm.mjs):
+// Checks the npm package as a user gets it (run after scripts/build_npm.mjs);
+// besides the two checks below, publint and @arethetypeswrong/cli must be
+// clean, and the packed and unpacked sizes are printed:
 // 1. engines: every runtime dependency, transitively, supports the Node
 //    versions the package claims (`engines.node` in package.json);
 // 2. types: a consumer project with a minimal tsconfig (module and
@@ -167,6 +169,48 @@ function ensureTs7() {
     })`,
   );
   return undefined;
+}
+
+// --- lint and size ---------------------------------------------------------
+
+if (existsSync(join(npmDir, "package.json"))) {
+  const bin = (name) => join(root, "node_modules", ".bin", name);
+  // publint: package.json fields, exports and files as npm and bundlers read them.
+  const lint = spawnSync(bin("publint"), ["--strict", npmDir], { encoding: "utf8", cwd: npmDir });
+  if (lint.status === 0) say("publint: clean (strict)");
+  else problems.push(`publint reports problems:\n${lint.stdout}${lint.stderr}`);
+  // Are the types wrong: every entry point resolves to its types under node16
+  // (ESM) and bundlers. The package is ESM only, so CJS resolution is ignored.
+  const attw = spawnSync(bin("attw"), [
+    "--pack",
+    npmDir,
+    "--profile",
+    "esm-only",
+    "--format",
+    "table-flipped",
+  ], {
+    encoding: "utf8",
+    cwd: npmDir,
+  });
+  if (attw.status === 0) say("attw: no problems (profile esm-only)");
+  else problems.push(`@arethetypeswrong/cli reports problems:\n${attw.stdout}${attw.stderr}`);
+  const pack = spawnSync(process.platform === "win32" ? "npm.cmd" : "npm", [
+    "pack",
+    "--dry-run",
+    "--json",
+  ], {
+    encoding: "utf8",
+    cwd: npmDir,
+  });
+  try {
+    const [info] = JSON.parse(pack.stdout);
+    say(
+      `size: ${info.filename} packs to ${info.size} bytes, ${info.unpackedSize} unpacked, ` +
+        `${info.entryCount} files`,
+    );
+  } catch {
+    problems.push(`npm pack --dry-run failed:\n${pack.stderr}`);
+  }
 }
 
 if (problems.length > 0) {

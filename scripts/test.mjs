@@ -274,6 +274,8 @@ if (wanted("static")) {
   }
   await run("readme-lint", deno, ["lint", snippet]);
   rmSync(dir, { recursive: true, force: true });
+  // One version: deno.json, package.json and CHANGELOG.md agree.
+  await run("version", process.execPath, [join(root, "scripts", "version.mjs")]);
   // JSR's checks, slow types among them; a dry run needs no network.
   await run("publish", deno, ["publish", "--dry-run", "--allow-dirty", "--quiet"]);
 }
