@@ -88,7 +88,9 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
       for (const p of problems) process.stderr.write(`version: ${p}\n`);
       if (problems.length > 0) process.exit(1);
       process.stdout.write(
-        `version: ${json(files.deno).version} (deno.json, package.json, CHANGELOG.md agree)\n`,
+        `version: ${
+          json(filesOf(repo).deno).version
+        } (deno.json, package.json, CHANGELOG.md agree)\n`,
       );
     } else {
       process.stdout.write(`version: ${bump(how)}\n`);
