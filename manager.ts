@@ -11,6 +11,7 @@ import { setMaxListeners } from "node:events";
 import process from "node:process";
 import { getLogger, type Logger } from "@logtape/logtape";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { wsconnect } from "@nats-io/nats-core";
 import {
   type Consumer,
   type ConsumerMessages,
@@ -197,11 +198,29 @@ async function connectWithin(
   log: Logger,
 ): Promise<NatsConnection> {
   const deadline = Date.now() + o.connectTimeout;
+  // ws:// and wss:// go through the WebSocket transport (edge runtimes, or a
+  // NATS reachable through an HTTP proxy only); nats:// and tls:// through TCP.
+  const ws = o.servers.filter((s) => /^wss?:\/\//i.test(s));
+  if (ws.length > 0 && ws.length < o.servers.length) {
+    throw new ConfigError(
+      "servers",
+      `servers mixes WebSocket (ws://, wss://) and TCP URLs, which one connection cannot use ` +
+        `together: ${o.servers.join(", ")}`,
+    );
+  }
+  if (ws.length > 0 && typeof globalThis.WebSocket !== "function") {
+    throw new ConfigError(
+      "servers",
+      "ws:// and wss:// servers need a global WebSocket (Deno, Bun, Node 22 and later, edge " +
+        "runtimes); this runtime has none: use nats:// or tls://",
+    );
+  }
+  const open = ws.length > 0 ? wsconnect : connect;
   let last: unknown;
   for (let i = 0;; i++) {
     o.signal?.throwIfAborted();
     try {
-      return await connect({
+      return await open({
         servers: o.servers,
         name: `conveyor-driver:${name}`,
         maxReconnectAttempts: -1,
@@ -209,8 +228,9 @@ async function connectWithin(
         // Async stack traces cost an Error per request; a fifth of the
         // client's CPU per event in bench/throughput.ts.
         noAsyncTraces: true,
-        // The operator's identity doubles as the NATS client certificate.
-        ...(identity ? { tls: identity.tls() } : {}),
+        // The operator's identity doubles as the NATS client certificate
+        // (over TCP: a WebSocket client cannot present one).
+        ...(identity && ws.length === 0 ? { tls: identity.tls() } : {}),
         ...o.nats,
         timeout: Math.max(1_000, Math.min(5_000, deadline - Date.now())),
       });
