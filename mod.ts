@@ -37,6 +37,7 @@ export {
   type TraceContext,
 } from "./telemetry.ts";
 // driver.ts
+export { drain, type DrainEnd, type DrainOptions, type DrainSummary } from "./drain.ts";
 export {
   defineDriver,
   type Driver,

@@ -35,6 +35,7 @@ describe("public API", () => {
       "authFromEnv",
       "createIdentity",
       "defineDriver",
+      "drain",
       "filterSubjects",
       "healthHandler",
       "parseDriverMessage",
