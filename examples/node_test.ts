@@ -1,19 +1,19 @@
 // examples/node/driver.mjs, the plain-JavaScript driver, run with `node`
-// against the npm build (npm/) linked as node_modules/@conveyor/driver in a
-// temporary directory, as a project that installed the package has it. Runs
+// against the npm package: the build (npm/) packed with `npm pack` and
+// installed, with its dependencies, into a temporary project. Runs
 // in the Node stage (`node scripts/build_npm.mjs --test`), which builds npm/
 // first; on Deno and Bun it is skipped.
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import {
   copyFileSync,
   existsSync,
-  mkdirSync,
+  lstatSync,
   mkdtempSync,
   readFileSync,
   rmSync,
-  symlinkSync,
+  writeFileSync,
 } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -45,8 +45,26 @@ describe("examples/node/driver.mjs", () => {
   it("runs with plain node on the npm package: results, a failure, SIGTERM", { skip }, async () => {
     await using conveyor = await startTestConveyor();
     const dir = mkdtempSync(join(tmpdir(), "conveyor-node-example-"));
-    mkdirSync(join(dir, "node_modules", "@conveyor"), { recursive: true });
-    symlinkSync(npmDir, join(dir, "node_modules", "@conveyor", "driver"), "dir");
+    // The package as users get it: the `npm pack` tarball, installed with its
+    // dependencies into a project of its own (not the build directory linked).
+    const npm = process.platform === "win32" ? "npm.cmd" : "npm";
+    const packed = spawnSync(npm, ["pack", "--silent", "--pack-destination", dir], {
+      cwd: npmDir,
+      encoding: "utf8",
+    });
+    assert.equal(packed.status, 0, `npm pack failed: ${packed.stderr}`);
+    const tarball = join(dir, packed.stdout.trim().split("\n").at(-1)!);
+    writeFileSync(join(dir, "package.json"), '{ "private": true, "type": "module" }\n');
+    const installed = spawnSync(
+      npm,
+      ["install", "--no-audit", "--no-fund", "--silent", "--prefer-offline", tarball],
+      { cwd: dir, encoding: "utf8" },
+    );
+    assert.equal(installed.status, 0, `npm install of ${tarball} failed: ${installed.stderr}`);
+    assert.ok(
+      !lstatSync(join(dir, "node_modules", "@conveyor", "driver")).isSymbolicLink(),
+      "installed from the tarball, not linked",
+    );
     const program = join(dir, "driver.mjs");
     copyFileSync(source, program);
     const child = spawn(process.execPath, [program], {
