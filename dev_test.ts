@@ -2,22 +2,9 @@
 // development runs against; commands in, results and log lines out.
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { createServer } from "node:net";
 import { startDriver } from "./mod.ts";
 import { startDev } from "./dev.ts";
-import { waitFor } from "./test_util.ts";
-
-/** A port nothing listens on right now. */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
+import { freePort, waitFor } from "./test_util.ts";
 
 describe("conveyor-dev", () => {
   it("serves the streams on the port asked for, emits on command and prints results and logs", async () => {

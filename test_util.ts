@@ -1,5 +1,6 @@
 // Shared helpers of the test files (not published).
 import { spawn } from "node:child_process";
+import { createServer } from "node:net";
 import process from "node:process";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
@@ -10,6 +11,18 @@ import {
   type StoredMessage,
   type TestConveyor,
 } from "./testing.ts";
+
+/** A port on 127.0.0.1 that nothing listens on right now. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
+}
 
 /** Polls `check` until it returns a truthy value or `timeout` ms pass. */
 export async function waitFor<T>(
