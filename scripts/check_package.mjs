@@ -4,7 +4,9 @@
 // 1. engines: every runtime dependency, transitively, as package-lock.json
 //    installs it (nested copies included), declares an `engines.node` that
 //    admits every Node version the package claims (`engines.node` in
-//    package.json, a ">=X.Y.Z" range);
+//    package.json, a ">=X.Y.Z" range); and so does every one a user
+//    installing the packed package today gets (npm resolves it from the
+//    registry into a lock file; skipped, saying so, when it cannot be reached);
 // 2. types: a consumer project in a temporary directory, laid out as npm
 //    installs the package (the published files of npm/ and copies of the
 //    runtime dependencies as locked, so that none of our devDependencies,
@@ -38,6 +40,7 @@ const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const problems = [];
 const say = (line) => process.stdout.write(line + "\n");
 const enginesOnly = process.argv.includes("--engines");
+const npm = process.platform === "win32" ? "npm.cmd" : "npm";
 /** A path as the messages show it: relative to the repository when inside it. */
 const shown = (path) => (relative(root, path).startsWith("..") ? path : relative(root, path));
 
@@ -62,44 +65,62 @@ for (const name of new Set([...Object.keys(pkg.dependencies ?? {}), ...Object.ke
   }
 }
 /** Lock-file keys of the runtime dependencies, transitively ("node_modules/a/node_modules/b"). */
-const runtime = runtimeClosure();
-const width = Math.max(...[...runtime].map((k) => label(k).length));
-for (const key of [...runtime].sort((a, b) => label(a).localeCompare(label(b)))) {
-  const entry = lock.packages[key];
-  const range = entry.engines?.node;
-  say(`engines: ${label(key).padEnd(width)}  node ${range ?? "(any: no engines.node)"}`);
-  if (range === undefined || !claimed) continue;
-  const needs = minimum(range);
-  if (!needs) problems.push(`${label(key)}: engines.node "${range}" is not understood`);
-  else if (compare(needs, claimed) > 0) {
-    problems.push(
-      `${label(key)} needs Node ${range}, but the package claims ${pkg.engines.node}`,
-    );
-  }
-}
-say(`engines: ${runtime.size} runtime dependencies checked against node ${pkg.engines?.node}`);
+const runtime = checkEngines(lock, "", "package-lock.json");
 
 /**
- * The runtime dependencies as the lock file installs them: from package.json's
- * "dependencies", each package's dependencies, optional dependencies (when
- * installed) and peer dependencies (but optional ones, which npm does not
- * install), found as Node finds them (the nearest node_modules first).
+ * Checks the engines.node of every runtime dependency of the package at
+ * `top` ("" for ours) in `lockFile`, printing each one unless `quiet`;
+ * returns their lock-file keys.
  */
-function runtimeClosure() {
+function checkEngines(lockFile, top, what, quiet = false) {
+  const closure = runtimeClosure(lockFile, top, what);
+  const sorted = [...closure].map((key) => [key, label(lockFile, key)]).sort((a, b) =>
+    a[1].localeCompare(b[1])
+  );
+  const width = Math.max(...sorted.map(([, l]) => l.length));
+  for (const [key, name] of sorted) {
+    const range = lockFile.packages[key].engines?.node;
+    if (!quiet) say(`engines: ${name.padEnd(width)}  node ${range ?? "(any: no engines.node)"}`);
+    if (range === undefined || !claimed) continue;
+    const needs = minimum(range);
+    if (!needs) problems.push(`${name} (${what}): engines.node "${range}" is not understood`);
+    else if (compare(needs, claimed) > 0) {
+      problems.push(
+        `${name} (${what}) needs Node ${range}, but the package claims ${pkg.engines.node}`,
+      );
+    }
+  }
+  say(
+    `engines: ${closure.size} runtime dependencies (${what}) checked against node ${pkg.engines?.node}`,
+  );
+  return closure;
+}
+
+/**
+ * The runtime dependencies of the package at `top` as the lock file installs
+ * them: its dependencies, each package's dependencies, optional dependencies
+ * (when installed) and peer dependencies (but optional ones, which npm does
+ * not install), found as Node finds them (the nearest node_modules first).
+ */
+function runtimeClosure(lockFile, top, what) {
   const seen = new Set();
-  const queue = Object.keys(pkg.dependencies ?? {}).map((name) => ["", name, "required"]);
+  const queue = Object.keys(lockFile.packages[top]?.dependencies ?? {}).map((name) => [
+    top,
+    name,
+    "required",
+  ]);
   while (queue.length > 0) {
     const [from, name, how] = queue.shift();
-    const key = locate(from, name);
+    const key = locate(lockFile, from, name);
     if (!key) {
       if (how === "required") {
-        problems.push(`${name} (needed by ${from || "the package"}) is not in package-lock.json`);
+        problems.push(`${name} (needed by ${from || "the package"}) is not in ${what}`);
       }
       continue;
     }
     if (seen.has(key)) continue;
     seen.add(key);
-    const entry = lock.packages[key];
+    const entry = lockFile.packages[key];
     if (entry.link) problems.push(`${key} is a link (${entry.resolved}): not a published package`);
     for (const dep of Object.keys(entry.dependencies ?? {})) queue.push([key, dep, "required"]);
     for (const dep of Object.keys(entry.optionalDependencies ?? {})) {
@@ -113,11 +134,11 @@ function runtimeClosure() {
   return seen;
 }
 
-/** The lock-file key that `require(name)` from the package at `from` ("" for ours) finds. */
-function locate(from, name) {
+/** The lock-file key that `require(name)` from the package at `from` ("" for the root) finds. */
+function locate(lockFile, from, name) {
   for (let dir = from;;) {
     const key = `${dir === "" ? "" : `${dir}/`}node_modules/${name}`;
-    if (lock.packages[key]) return key;
+    if (lockFile.packages[key]) return key;
     if (dir === "") return undefined;
     const up = dir.lastIndexOf("/node_modules/");
     dir = up < 0 ? "" : dir.slice(0, up);
@@ -125,10 +146,10 @@ function locate(from, name) {
 }
 
 /** "name@version", with the packages it is nested under for a nested copy. */
-function label(key) {
+function label(lockFile, key) {
   const names = key.split(/(?:^|\/)node_modules\//).filter(Boolean);
   const nested = names.length > 1 ? ` (under ${names.slice(0, -1).join(" > ")})` : "";
-  return `${names.at(-1)}@${lock.packages[key].version}${nested}`;
+  return `${names.at(-1)}@${lockFile.packages[key].version}${nested}`;
 }
 
 /** [major, minor, patch] of a ">=X", ">= X.x", ">=X.Y.Z" range; undefined otherwise. */
@@ -294,7 +315,6 @@ function ensureTs7() {
   say(`types: installing typescript@7 into ${shown(dir)}`);
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, "package.json"), '{ "private": true }\n');
-  const npm = process.platform === "win32" ? "npm.cmd" : "npm";
   const r = spawnSync(npm, [
     "install",
     "--no-audit",
@@ -306,14 +326,10 @@ function ensureTs7() {
   ], { cwd: dir, encoding: "utf8" });
   if (r.status === 0 && existsSync(tsc) && major() === "7") return tsc;
   const output = `${r.stdout ?? ""}${r.stderr ?? ""}${r.error?.message ?? ""}`.trim();
-  if (
-    /\b(?:ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ECONNRESET|ETIMEDOUT|ENETUNREACH|EHOSTUNREACH)\b/.test(
-      output,
-    )
-  ) {
+  if (unreachable(output)) {
     say(
       `types: TypeScript 7 SKIPPED: the npm registry cannot be reached to install typescript@7 (${
-        output.split("\n").find((l) => /E[A-Z]+/.test(l)) ?? output.split("\n")[0]
+        unreachable(output)
       })`,
     );
     return undefined;
@@ -322,6 +338,82 @@ function ensureTs7() {
     `cannot install typescript@7 into ${shown(dir)} (npm exit ${r.status}):\n${output}`,
   );
   return undefined;
+}
+
+/** npm's line saying that the registry cannot be reached, if `output` has one. */
+function unreachable(output) {
+  const code =
+    /\b(?:ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ECONNRESET|ETIMEDOUT|ENETUNREACH|EHOSTUNREACH)\b/;
+  return output.split("\n").find((line) => code.test(line));
+}
+
+// --- engines of a fresh install ----------------------------------------------
+
+// The lock file holds the versions we test; a user installing the package
+// today gets the newest ones in its ranges. npm resolves them from the registry
+// for the packed package (a lock file only: nothing is downloaded but metadata),
+// and the same engines check runs on that. Skipped, saying so, when the
+// registry cannot be reached.
+if (!enginesOnly && existsSync(join(npmDir, "package.json"))) {
+  const dir = mkdtempSync(join(tmpdir(), "conveyor-fresh-"));
+  try {
+    checkFreshInstall(dir);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function checkFreshInstall(dir) {
+  const packed = spawnSync(npm, ["pack", "--json", "--pack-destination", dir], {
+    cwd: npmDir,
+    encoding: "utf8",
+  });
+  let tarball;
+  try {
+    tarball = JSON.parse(packed.stdout)[0].filename;
+  } catch {
+    problems.push(`npm pack failed:\n${packed.stdout}${packed.stderr}`);
+    return;
+  }
+  writeFileSync(join(dir, "package.json"), '{ "private": true }\n');
+  const r = spawnSync(npm, [
+    "install",
+    "--package-lock-only",
+    "--ignore-scripts",
+    "--no-audit",
+    "--no-fund",
+    "--loglevel=error",
+    "--fetch-retries=1",
+    "--fetch-timeout=60000",
+    `./${tarball}`,
+  ], { cwd: dir, encoding: "utf8" });
+  const output = `${r.stdout ?? ""}${r.stderr ?? ""}${r.error?.message ?? ""}`.trim();
+  if (r.status !== 0) {
+    if (unreachable(output)) {
+      say(
+        `engines: fresh install SKIPPED: the npm registry cannot be reached (${
+          unreachable(output)
+        })`,
+      );
+    } else problems.push(`npm could not resolve a fresh install of the package:\n${output}`);
+    return;
+  }
+  const fresh = JSON.parse(readFileSync(join(dir, "package-lock.json"), "utf8"));
+  const top = "node_modules/@conveyor/driver";
+  const keys = checkEngines(fresh, top, "a fresh install from the registry", true);
+  const locked = new Map(
+    [...runtime].map((k) => [k.split(/(?:^|\/)node_modules\//).at(-1), lock.packages[k].version]),
+  );
+  const changed = [...keys].filter((k) =>
+    locked.get(k.split(/(?:^|\/)node_modules\//).at(-1)) !== fresh.packages[k].version
+  ).map((k) => label(fresh, k));
+  say(
+    `engines: a fresh install resolves ${
+      changed.length
+        ? `versions other than package-lock.json's: ${changed.join(", ")}`
+        : "the versions of package-lock.json"
+    }`,
+  );
 }
 
 // --- lint and size ---------------------------------------------------------
@@ -347,7 +439,7 @@ if (!enginesOnly && existsSync(join(npmDir, "package.json"))) {
   });
   if (attw.status === 0) say("attw: no problems (profile esm-only)");
   else problems.push(`@arethetypeswrong/cli reports problems:\n${attw.stdout}${attw.stderr}`);
-  const pack = spawnSync(process.platform === "win32" ? "npm.cmd" : "npm", [
+  const pack = spawnSync(npm, [
     "pack",
     "--dry-run",
     "--json",
