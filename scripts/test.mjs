@@ -276,6 +276,12 @@ if (wanted("static")) {
   rmSync(dir, { recursive: true, force: true });
   // One version: deno.json, package.json and CHANGELOG.md agree.
   await run("version", process.execPath, [join(root, "scripts", "version.mjs")]);
+  // Every runtime dependency, as locked, supports the Node versions of package.json's
+  // engines (the package stage checks it again, with the built package's types).
+  await run("engines", process.execPath, [
+    join(root, "scripts", "check_package.mjs"),
+    "--engines",
+  ]);
   // JSR's checks, slow types among them; a dry run needs no network.
   await run("publish", deno, ["publish", "--dry-run", "--allow-dirty", "--quiet"]);
 }
