@@ -99,6 +99,29 @@ export function readEnv(name: string): string | undefined {
   }
 }
 
+/**
+ * Reads a UTF-8 file through the runtime's `node:fs` without importing it
+ * (`process.getBuiltinModule`: Node >= 20.16, Deno, Bun), so that modules
+ * using it still load, and bundle, where there is no file system; there it
+ * throws a `TypeError` that says so.
+ */
+export async function readTextFile(path: string): Promise<string> {
+  type Fs = { readFile(path: string, encoding: "utf8"): Promise<string> };
+  const proc = (globalThis as {
+    process?: { getBuiltinModule?: (id: string) => Fs | undefined };
+  }).process;
+  const fs = typeof proc?.getBuiltinModule === "function"
+    ? proc.getBuiltinModule("node:fs/promises")
+    : undefined;
+  if (!fs) {
+    throw new TypeError(
+      "this runtime has no file system (no process.getBuiltinModule); pass the PEM text " +
+        "(cert, key, ca options) instead of a file",
+    );
+  }
+  return await fs.readFile(path, "utf8");
+}
+
 /** `String(x)` that cannot throw (a null-prototype object, a throwing `toString`). */
 export function safeString(x: unknown): string {
   try {

@@ -6,7 +6,8 @@
  *
  * Signing uses Web Crypto (through `jose`), so the PEM-string path runs on
  * Deno, Bun, Node and edge runtimes; only the `*File` options need a file
- * system (`node:fs/promises`, imported when used).
+ * system (reached through `process.getBuiltinModule`, never imported, so
+ * that the client entry loads where there is none).
  *
  * @example
  * ```ts
@@ -26,7 +27,7 @@
  */
 import { base64url, type CryptoKey, exportJWK, importPKCS8, importSPKI, SignJWT } from "jose";
 import { AuthError, ConfigError } from "./errors.ts";
-import { readEnv } from "./_util.ts";
+import { readEnv, readTextFile } from "./_util.ts";
 import {
   checkChain,
   type Curve,
@@ -411,9 +412,7 @@ async function load(
     name = `${what} file ${file} (from ${envName})`;
   }
   try {
-    // Imported here so that the PEM-string path needs no file system (edge runtimes).
-    const { readFile } = await import("node:fs/promises");
-    return { name, text: await readFile(file, "utf8") };
+    return { name, text: await readTextFile(file) };
   } catch (err) {
     throw new AuthError(`cannot read ${name}: ${message(err)}`, { cause: err });
   }

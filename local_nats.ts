@@ -318,14 +318,29 @@ export async function startNatsServer(
   return server;
 }
 
-/** Where to talk to NATS: a server URL, or an open connection to reuse. */
-export type Target = string | NatsConnection;
+/**
+ * An open nats.js connection, as `connect` of `@nats-io/transport-node` (or
+ * `wsconnect`) returns it. Only its outline is declared here, so that these
+ * docs stand alone; pass the `NatsConnection` itself.
+ */
+export interface OpenConnection {
+  /** True once the connection is closed. */
+  isClosed(): boolean;
+  /** Flushes pending messages to the server. */
+  flush(): Promise<void>;
+  /** Closes the connection. */
+  close(): Promise<void>;
+}
+
+/** Where to talk to NATS: a server URL, or an open connection to reuse (left open). */
+export type Target = string | OpenConnection;
 
 async function withConnection<T>(
   target: Target,
   fn: (nc: NatsConnection) => Promise<T>,
 ): Promise<T> {
-  if (typeof target !== "string") return fn(target);
+  // A caller's connection is a nats.js NatsConnection; OpenConnection only outlines it.
+  if (typeof target !== "string") return fn(target as NatsConnection);
   const nc = await connect({ servers: target });
   try {
     return await fn(nc);

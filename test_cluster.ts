@@ -392,7 +392,7 @@ async function withConnection<T>(
   target: Target,
   fn: (nc: NatsConnection) => Promise<T>,
 ): Promise<T> {
-  if (typeof target !== "string") return fn(target);
+  if (typeof target !== "string") return fn(target as NatsConnection);
   const nc = await connect({ servers: target.split(",") });
   try {
     return await fn(nc);

@@ -46,6 +46,7 @@ export {
   findNatsServer,
   type NatsServer,
   type NatsServerOptions,
+  type OpenConnection,
   type PublishedEvent,
   publishEvent,
   readStream,

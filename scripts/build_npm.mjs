@@ -302,7 +302,7 @@ function writePackageJson(deno, pkg, entries, graph) {
     ...(exports["./dev"] ? { bin: { "conveyor-dev": exports["./dev"].default } } : {}),
     files,
     // Checked against every runtime dependency by scripts/check_package.mjs.
-    engines: pkg.engines ?? { node: ">=20" },
+    engines: pkg.engines ?? { node: ">=20.16" },
     dependencies: deps,
   };
   for (const k of ["repository", "homepage", "bugs", "keywords", "author"]) {

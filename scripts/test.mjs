@@ -224,7 +224,11 @@ if (wanted("static")) {
     ...ts("bench"),
     ...ts("testdata"),
   ]);
-  await run("doc", deno, ["doc", "--lint", "mod.ts", "dev.ts"]);
+  // Every entry point of deno.json's "exports", as JSR documents them.
+  const entries = Object.values(
+    JSON.parse(readFileSync(join(root, "deno.json"), "utf8")).exports,
+  );
+  await run("doc", deno, ["doc", "--lint", ...entries]);
   // Every JSDoc @example and every ```ts block of README.md type-checks, importing
   // "@conveyor/driver" as a user would (deno.json's name and exports resolve it).
   // `--doc` checks the examples of the files given only, so every module is
