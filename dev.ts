@@ -31,7 +31,7 @@ import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { connect } from "@nats-io/transport-node";
+import { openNats } from "./_nats.ts";
 import { startTestConveyor, type TestConveyor } from "./kit.ts";
 import { LogEntrySchema, ResultEnvelopeSchema } from "./types.ts";
 import * as v from "valibot";
@@ -143,7 +143,7 @@ async function followAll(
   signal: AbortSignal,
   write: (line: string) => void,
 ): Promise<void> {
-  const nc = await connect({ servers: conveyor.url });
+  const nc = await openNats({ servers: conveyor.url });
   signal.addEventListener("abort", () => void nc.close().catch(() => {}), { once: true });
   const jsm = await jetstreamManager(nc);
   const next: Record<string, number> = { "pipeline-engine": 1, "logs-engine": 1 };

@@ -4,7 +4,8 @@
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { ConfigError, defineDriver, drain, startDriver } from "./mod.ts";
-import { readStream, startTestConveyor, type TestConveyor } from "./testing.ts";
+import { readStream, type TestConveyor } from "./testing.ts";
+import { transportConveyor } from "./test_util.ts";
 
 const quiet = { configureLogging: false } as const;
 
@@ -50,7 +51,7 @@ const names = (n: number) => Array.from({ length: n }, (_, i) => `r${i}`).sort()
 
 describe("drain", () => {
   it("takes what is there, reports it, and ends when idle", async () => {
-    await using conveyor = await startTestConveyor();
+    await using conveyor = await transportConveyor();
     const { driver, runs } = counter("batch");
     await bind(conveyor, driver);
     await emitMany(conveyor, 10);
@@ -62,7 +63,7 @@ describe("drain", () => {
   });
 
   it("stops at maxMessages and leaves the rest for the next invocation", async () => {
-    await using conveyor = await startTestConveyor();
+    await using conveyor = await transportConveyor();
     const { driver, runs } = counter("capped", 20);
     await bind(conveyor, driver);
     await emitMany(conveyor, 10);
@@ -81,7 +82,7 @@ describe("drain", () => {
   });
 
   it("cut short by maxWait: loses nothing, hands the rest back", async () => {
-    await using conveyor = await startTestConveyor();
+    await using conveyor = await transportConveyor();
     const { driver, runs } = counter("slow", 200);
     await bind(conveyor, driver);
     await emitMany(conveyor, 10);
@@ -100,7 +101,7 @@ describe("drain", () => {
   });
 
   it("two overlapping invocations share the events: each once", async () => {
-    await using conveyor = await startTestConveyor();
+    await using conveyor = await transportConveyor();
     const { driver, runs } = counter("shared", 10);
     await bind(conveyor, driver);
     await emitMany(conveyor, 20);

@@ -6,7 +6,8 @@
  *
  * @module
  */
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { openNats } from "./_nats.ts";
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { Client } from "./client.ts";
 import { admit, decide, fitResult, type Outcome, RESULT_SUBJECT } from "./decide.ts";
@@ -296,6 +297,14 @@ function captureLogger(runId: string, into: CapturedLog[], base: Labels): Driver
 export interface TestConveyorOptions {
   /** Options of the `nats-server` it starts (its binary, extra arguments). */
   nats?: NatsServerOptions;
+  /**
+   * Speak WebSocket, for a driver that connects as an edge runtime does:
+   * the server also listens for WebSocket clients, {@link TestConveyor.url}
+   * is its `ws://` URL, and the kit connects through it too (nats.js keeps
+   * one transport per process: see the README's WebSocket section).
+   * @default false
+   */
+  websocket?: boolean;
 }
 
 /** What {@link TestConveyor.emit} sends besides the resource. */
@@ -333,7 +342,10 @@ export interface EmitResource {
  * Stop it with `stop()` or `await using`.
  */
 export interface TestConveyor extends AsyncDisposable {
-  /** The NATS URL to give the driver (`servers`). */
+  /**
+   * The NATS URL to give the driver (`servers`) and the other helpers:
+   * `nats://`, or `ws://` with the `websocket` option.
+   */
   readonly url: string;
   /** The `nats-server` process. */
   readonly server: NatsServer;
@@ -383,10 +395,13 @@ export interface TestConveyor extends AsyncDisposable {
 export async function startTestConveyor(
   options: TestConveyorOptions = {},
 ): Promise<TestConveyor> {
-  const server = await startNatsServer(options.nats);
+  const server = await startNatsServer({
+    ...options.nats,
+    ...(options.websocket ? { websocket: true } : {}),
+  });
   let nc: NatsConnection;
   try {
-    nc = await connect({ servers: server.url });
+    nc = await openNats({ servers: server.wsUrl ?? server.url });
     await createConveyorStreams(nc);
   } catch (err) {
     await server.stop();
@@ -401,7 +416,7 @@ export async function startTestConveyor(
       await server.stop();
     })();
   const conveyor: TestConveyor = {
-    url: server.url,
+    url: server.wsUrl ?? server.url,
     server,
     emit(resource, o = {}) {
       const init: EventInit = {

@@ -12,7 +12,8 @@ import { homedir, tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { connect, headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
+import { headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
+import { openNats } from "./_nats.ts";
 import { jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
 import type { DriverMessage, Resource } from "./types.ts";
 
@@ -22,6 +23,11 @@ export interface NatsServer extends AsyncDisposable {
   readonly url: string;
   /** The port it listens on (kept across {@link NatsServer.restart}). */
   readonly port: number;
+  /**
+   * With the `websocket` option, the WebSocket URL, e.g. `ws://127.0.0.1:41235`
+   * (its port kept across {@link NatsServer.restart}); else undefined.
+   */
+  readonly wsUrl: string | undefined;
   /** Process id of the server. */
   readonly pid: number;
   /** JetStream store directory (removed by `stop`). */
@@ -38,6 +44,12 @@ export interface NatsServerOptions {
   binary?: string;
   /** Extra command-line arguments. */
   args?: string[];
+  /**
+   * Also listen for WebSocket clients (plain `ws://`, on 127.0.0.1 and a
+   * random port): what edge runtimes connect to. See {@link NatsServer.wsUrl}.
+   * @default false
+   */
+  websocket?: boolean;
   /** How long to wait for the server to be ready, in ms. @default 10_000 */
   readyTimeout?: number;
   /**
@@ -199,7 +211,13 @@ async function launch(
   storeDir: string,
   args: string[],
   readyTimeout: number,
+  /** The WebSocket listener's port (-1: random), or undefined for none. */
+  wsPort?: number,
 ) {
+  const config = `${storeDir}.conf`;
+  if (wsPort !== undefined) {
+    writeFileSync(config, `websocket { listen: "127.0.0.1:${wsPort}", no_tls: true }\n`);
+  }
   const child = spawn(binary, [
     "-a",
     "127.0.0.1",
@@ -208,11 +226,13 @@ async function launch(
     "-js",
     "-sd",
     storeDir,
+    ...(wsPort !== undefined ? ["-c", config] : []),
     ...args,
   ], {
     stdio: ["ignore", "ignore", "pipe"],
   });
   let output = "";
+  let actualWsPort: number | undefined;
   const actualPort = await new Promise<number>((resolve, reject) => {
     const timer = setTimeout(
       () =>
@@ -238,6 +258,9 @@ async function launch(
       output += new TextDecoder().decode(chunk);
       const m = /Listening for client connections on [^\s]*:(\d+)/.exec(output);
       if (m) listening = Number(m[1]);
+      const w = /Listening for websocket clients on [^\s]*:(\d+)/.exec(output);
+      if (w) actualWsPort = Number(w[1]);
+      if (wsPort !== undefined && actualWsPort === undefined) return;
       if (listening && /Server is ready/.test(output)) {
         clearTimeout(timer);
         child.removeAllListeners("exit");
@@ -249,7 +272,7 @@ async function launch(
       }
     });
   });
-  return { child, port: actualPort };
+  return { child, port: actualPort, wsPort: actualWsPort };
 }
 
 function killAndWait(
@@ -287,7 +310,14 @@ export async function startNatsServer(
   const args = options.args ?? [];
   const readyTimeout = options.readyTimeout ?? 10_000;
   const storeDir = await mkdtemp(join(tmpdir(), "conveyor-nats-"));
-  let { child, port } = await launch(binary, -1, storeDir, args, readyTimeout);
+  let { child, port, wsPort } = await launch(
+    binary,
+    -1,
+    storeDir,
+    args,
+    readyTimeout,
+    options.websocket ? -1 : undefined,
+  );
   let stopped = false;
   const server: NatsServer = {
     get url() {
@@ -295,6 +325,9 @@ export async function startNatsServer(
     },
     get port() {
       return port;
+    },
+    get wsUrl() {
+      return wsPort === undefined ? undefined : `ws://127.0.0.1:${wsPort}`;
     },
     get pid() {
       return child.pid!;
@@ -305,11 +338,12 @@ export async function startNatsServer(
       stopped = true;
       await killAndWait(child, "SIGTERM");
       await rm(storeDir, { recursive: true, force: true });
+      await rm(`${storeDir}.conf`, { force: true });
     },
     async restart(opts = {}) {
       await killAndWait(child, "SIGKILL");
       if (opts.downtime) await new Promise((r) => setTimeout(r, opts.downtime));
-      ({ child } = await launch(binary, port, storeDir, args, readyTimeout));
+      ({ child } = await launch(binary, port, storeDir, args, readyTimeout, wsPort));
     },
     [Symbol.asyncDispose]() {
       return this.stop();
@@ -332,7 +366,10 @@ export interface OpenConnection {
   close(): Promise<void>;
 }
 
-/** Where to talk to NATS: a server URL, or an open connection to reuse (left open). */
+/**
+ * Where to talk to NATS: a server URL (`nats://`, or `ws://` where there is a
+ * global WebSocket), or an open connection to reuse (left open).
+ */
 export type Target = string | OpenConnection;
 
 async function withConnection<T>(
@@ -341,7 +378,7 @@ async function withConnection<T>(
 ): Promise<T> {
   // A caller's connection is a nats.js NatsConnection; OpenConnection only outlines it.
   if (typeof target !== "string") return fn(target as NatsConnection);
-  const nc = await connect({ servers: target });
+  const nc = await openNats({ servers: target });
   try {
     return await fn(nc);
   } finally {

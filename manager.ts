@@ -10,8 +10,8 @@
 import { setMaxListeners } from "node:events";
 import process from "node:process";
 import { getLogger, type Logger } from "@logtape/logtape";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { wsconnect } from "@nats-io/nats-core";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { openNats, transportOf } from "./_nats.ts";
 import {
   type Consumer,
   type ConsumerMessages,
@@ -200,27 +200,12 @@ async function connectWithin(
   const deadline = Date.now() + o.connectTimeout;
   // ws:// and wss:// go through the WebSocket transport (edge runtimes, or a
   // NATS reachable through an HTTP proxy only); nats:// and tls:// through TCP.
-  const ws = o.servers.filter((s) => /^wss?:\/\//i.test(s));
-  if (ws.length > 0 && ws.length < o.servers.length) {
-    throw new ConfigError(
-      "servers",
-      `servers mixes WebSocket (ws://, wss://) and TCP URLs, which one connection cannot use ` +
-        `together: ${o.servers.join(", ")}`,
-    );
-  }
-  if (ws.length > 0 && typeof globalThis.WebSocket !== "function") {
-    throw new ConfigError(
-      "servers",
-      "ws:// and wss:// servers need a global WebSocket (Deno, Bun, Node 22 and later, edge " +
-        "runtimes); this runtime has none: use nats:// or tls://",
-    );
-  }
-  const open = ws.length > 0 ? wsconnect : connect;
+  const ws = transportOf(o.servers) === "ws";
   let last: unknown;
   for (let i = 0;; i++) {
     o.signal?.throwIfAborted();
     try {
-      return await open({
+      return await openNats({
         servers: o.servers,
         name: `conveyor-driver:${name}`,
         maxReconnectAttempts: -1,
@@ -230,13 +215,15 @@ async function connectWithin(
         noAsyncTraces: true,
         // The operator's identity doubles as the NATS client certificate
         // (over TCP: a WebSocket client cannot present one).
-        ...(identity && ws.length === 0 ? { tls: identity.tls() } : {}),
+        ...(identity && !ws ? { tls: identity.tls() } : {}),
         ...o.nats,
         timeout: Math.max(1_000, Math.min(5_000, deadline - Date.now())),
       });
     } catch (err) {
       last = err;
-      // Wrong credentials do not fix themselves by waiting.
+      // Wrong credentials, or a transport this process cannot mix, do not fix
+      // themselves by waiting.
+      if (err instanceof ConfigError) throw err;
       if (/authori[sz]ation|authentication/i.test(errorText(err))) break;
     }
     const wait = Math.min(2_000, 100 * 2 ** i);

@@ -2,7 +2,8 @@
 import { spawn } from "node:child_process";
 import { createServer } from "node:net";
 import process from "node:process";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { openNats } from "./_nats.ts";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import {
   type NatsServer,
@@ -54,13 +55,30 @@ export async function waitFor<T>(
 export interface Env extends AsyncDisposable {
   conveyor: TestConveyor;
   server: NatsServer;
+  /** The tests' own connection, over {@link TRANSPORT}, riding out restarts. */
   nc: NatsConnection;
+  /** The URL drivers connect to: `ws://` when {@link TRANSPORT} is "ws". */
   url: string;
 }
 
+/**
+ * How the drivers under test reach NATS: `CONVEYOR_TEST_TRANSPORT=ws` runs
+ * them over WebSocket (scripts/test.mjs runs the end-to-end files both ways
+ * on Deno and Bun).
+ */
+export const TRANSPORT: "tcp" | "ws" = process.env.CONVEYOR_TEST_TRANSPORT === "ws" ? "ws" : "tcp";
+
+/** A testing-kit conveyor speaking {@link TRANSPORT}. */
+export function transportConveyor(): Promise<TestConveyor> {
+  if (TRANSPORT === "ws" && typeof globalThis.WebSocket !== "function") {
+    throw new Error("CONVEYOR_TEST_TRANSPORT=ws needs a runtime with a global WebSocket");
+  }
+  return startTestConveyor({ websocket: TRANSPORT === "ws" });
+}
+
 export async function conveyorEnv(): Promise<Env> {
-  const conveyor = await startTestConveyor();
-  const nc = await connect({
+  const conveyor = await transportConveyor();
+  const nc = await openNats({
     servers: conveyor.url,
     maxReconnectAttempts: -1,
     reconnectTimeWait: 100,
@@ -164,7 +182,7 @@ export async function consumerReady(
   name: string,
   timeout = 30_000,
 ): Promise<boolean> {
-  const nc = typeof target === "string" ? await connect({ servers: target }) : target;
+  const nc = typeof target === "string" ? await openNats({ servers: target }) : target;
   try {
     return await waitFor(
       async () => {

@@ -3,13 +3,9 @@
 // listener; the driver connects to that listener only.
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { writeFileSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { ConfigError, defineDriver, startDriver } from "./mod.ts";
-import { startTestConveyor } from "./testing.ts";
-import { freePort } from "./test_util.ts";
+import { readStream, startNatsServer, startTestConveyor } from "./testing.ts";
+import { waitFor } from "./test_util.ts";
 
 const echo = defineDriver({
   name: "ws-echo",
@@ -20,47 +16,73 @@ const echo = defineDriver({
   },
 });
 
+const noWebSocket = typeof globalThis.WebSocket !== "function"
+  ? "this runtime has no global WebSocket (Node 20): ws:// needs Deno, Bun or Node 22+"
+  : undefined;
+const quiet = { handleSignals: false, configureLogging: false } as const;
+
 describe("NATS over WebSocket", () => {
   it("runs a driver connected with a ws:// URL: events in, logs and results out", async (t) => {
-    if (typeof globalThis.WebSocket !== "function") {
-      t.skip("this runtime has no global WebSocket (Node 20): ws:// needs Deno, Bun or Node 22+");
-      return;
+    if (noWebSocket) return t.skip(noWebSocket);
+    await using conveyor = await startTestConveyor({ websocket: true });
+    assert.match(conveyor.url, /^ws:\/\/127\.0\.0\.1:\d+$/);
+    const started = performance.now();
+    await using _d = await startDriver(echo, { servers: conveyor.url, ...quiet });
+    const { message } = await conveyor.emit({ resource: "app", name: "edge" });
+    const result = await conveyor.waitForResult(message.run_id);
+    const coldStart = performance.now() - started;
+    assert.equal(result.driverresult.message, "echoed edge");
+    for await (const line of conveyor.logs(message.run_id)) {
+      assert.equal(line.message, "over WebSocket: edge");
+      break;
     }
-    const dir = await mkdtemp(join(tmpdir(), "conveyor-ws-"));
-    try {
-      const port = await freePort();
-      const config = join(dir, "ws.conf");
-      writeFileSync(config, `websocket { listen: "127.0.0.1:${port}", no_tls: true }\n`);
-      await using conveyor = await startTestConveyor({ nats: { args: ["-c", config] } });
-      const url = `ws://127.0.0.1:${port}`;
-      const started = performance.now();
-      await using _d = await startDriver(echo, {
-        servers: url,
-        handleSignals: false,
-        configureLogging: false,
-      });
-      const { message } = await conveyor.emit({ resource: "app", name: "edge" });
-      const result = await conveyor.waitForResult(message.run_id);
-      const coldStart = performance.now() - started;
-      assert.equal(result.driverresult.message, "echoed edge");
-      for await (const line of conveyor.logs(message.run_id)) {
-        assert.equal(line.message, "over WebSocket: edge");
-        break;
-      }
-      t.diagnostic(`cold start to first result over WebSocket: ${coldStart.toFixed(0)} ms`);
-    } finally {
-      await rm(dir, { recursive: true, force: true });
-    }
+    t.diagnostic(`cold start to first result over WebSocket: ${coldStart.toFixed(0)} ms`);
+  });
+
+  it("gets back after a NATS restart, as over TCP", async (t) => {
+    if (noWebSocket) return t.skip(noWebSocket);
+    await using conveyor = await startTestConveyor({ websocket: true });
+    await using _d = await startDriver(echo, { servers: conveyor.url, ...quiet });
+    const before = await conveyor.emit({ resource: "app", name: "before" });
+    await conveyor.waitForResult(before.message.run_id);
+    await conveyor.server.restart({ downtime: 300 });
+    // The WebSocket port is kept across the restart; the kit reconnects too.
+    const after = await waitFor(
+      () => conveyor.emit({ resource: "app", name: "after" }).catch(() => undefined),
+      "a publish after the restart",
+    );
+    const result = await conveyor.waitForResult(after.message.run_id, { timeout: 30_000 });
+    assert.equal(result.driverresult.message, "echoed after");
   });
 
   it("refuses WebSocket and TCP URLs mixed in servers", async () => {
     await assert.rejects(
-      startDriver(echo, {
-        servers: ["ws://127.0.0.1:1", "nats://127.0.0.1:2"],
-        handleSignals: false,
-        configureLogging: false,
-      }),
+      startDriver(echo, { servers: ["ws://127.0.0.1:1", "nats://127.0.0.1:2"], ...quiet }),
       (err) => err instanceof ConfigError && /mixes WebSocket/.test(err.message),
+    );
+  });
+
+  // nats.js keeps one transport per process, which every connection
+  // reconnects with: a second transport would strand the first after a restart.
+  it("refuses a driver over TCP while this process holds a WebSocket connection, and the reverse", async (t) => {
+    if (noWebSocket) return t.skip(noWebSocket);
+    await using conveyor = await startTestConveyor({ websocket: true });
+    const tcp = `nats://127.0.0.1:${conveyor.server.port}`;
+    await assert.rejects(
+      startDriver(echo, { servers: tcp, ...quiet }),
+      (err) =>
+        err instanceof ConfigError && err.field === "servers" &&
+        /over TCP .* while this process has 1 open over WebSocket/.test(err.message),
+    );
+    await assert.rejects(readStream(tcp, "pipeline-engine"), ConfigError);
+    await conveyor.stop();
+    // Once the WebSocket connections are closed, TCP is free again.
+    await using tcpConveyor = await startTestConveyor();
+    await using _d = await startDriver(echo, { servers: tcpConveyor.url, ...quiet });
+    await using wsServer = await startNatsServer({ websocket: true });
+    await assert.rejects(
+      startDriver(echo, { servers: wsServer.wsUrl!, ...quiet }),
+      (err) => err instanceof ConfigError && /over WebSocket .* open over TCP/.test(err.message),
     );
   });
 });

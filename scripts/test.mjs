@@ -1,11 +1,12 @@
 #!/usr/bin/env node
 // The whole test suite, as `npm test`, `deno task test` and `.ci/run` run it:
 // static checks, then every *_test.ts and examples/*_test.ts on Deno and on
-// Bun, then the npm build's tests on Node. Each test file starts its own
+// Bun, the end-to-end ones again over WebSocket (ws), then the npm build's
+// tests on Node and the end-to-end ones from the installed tarball. Each test file starts its own
 // nats-server processes. Each stage's output streams through as it comes; the
 // end names every failing test.
 //
-//   node scripts/test.mjs [--only deno|bun|node|static] [--skip node]
+//   node scripts/test.mjs [--only static|deno|bun|ws|node] [--skip node]
 //   node scripts/test.mjs --faults    the long fault runs (faults_test, cluster_test)
 //                                     on Deno, Bun and Node: `npm run test:faults`
 import { spawn } from "node:child_process";
@@ -36,6 +37,18 @@ delete env.FORCE_COLOR;
 // through killed nodes), behind their own command; the default suite runs
 // the short ones.
 const FAULT_FILES = ["faults_test", "cluster_test"];
+// The end-to-end files (drivers against a real nats-server), run a second time
+// on Deno and Bun with every connection of the process over WebSocket
+// (CONVEYOR_TEST_TRANSPORT=ws; Node 20 has no WebSocket): the "ws" stage.
+const WS_FILES = [
+  "consumer_test.ts",
+  "drain_test.ts",
+  "health_test.ts",
+  "manager_test.ts",
+  "run_test.ts",
+  "shutdown_test.ts",
+  "telemetry_test.ts",
+];
 if (values.faults) env.CONVEYOR_FAULTS = "long";
 
 // The tests at the top level, then those of the examples (examples/*_test.ts).
@@ -53,10 +66,17 @@ const failures = [];
  * Runs a command, writing its output through as it arrives and keeping a copy
  * for `parse`, which returns { passed, failed, tests: [{ file, name }] }.
  */
-async function run(stage, cmd, args, parse) {
-  process.stdout.write(`\n== ${stage}: ${[cmd.replace(root + "/", ""), ...args].join(" ")}\n`);
+async function run(stage, cmd, args, parse, extraEnv = {}) {
+  const shownEnv = Object.entries(extraEnv).map(([k, v]) => `${k}=${v} `).join("");
+  process.stdout.write(
+    `\n== ${stage}: ${shownEnv}${[cmd.replace(root + "/", ""), ...args].join(" ")}\n`,
+  );
   const started = Date.now();
-  const child = spawn(cmd, args, { cwd: root, env, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(cmd, args, {
+    cwd: root,
+    env: { ...env, ...extraEnv },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   // One copy per stream: chunks of the two may interleave mid-line.
   const copy = { stdout: "", stderr: "" };
   for (const name of ["stdout", "stderr"]) {
@@ -280,19 +300,25 @@ if (wanted("static")) {
   rmSync(dir, { recursive: true, force: true });
   // One version: deno.json, package.json and CHANGELOG.md agree.
   await run("version", process.execPath, [join(root, "scripts", "version.mjs")]);
-  // Every runtime dependency, as locked, supports the Node versions of package.json's
-  // engines (the package stage checks it again, with the built package's types).
-  await run("engines", process.execPath, [
-    join(root, "scripts", "check_package.mjs"),
-    "--engines",
-  ]);
   // JSR's checks, slow types among them; a dry run needs no network.
   await run("publish", deno, ["publish", "--dry-run", "--allow-dirty", "--quiet"]);
+  // The npm package as a user gets it (scripts/check_package.mjs): built into
+  // npm/, then its dependencies' engines, its declarations under TypeScript 5
+  // and 7, publint, @arethetypeswrong/cli and its packed and unpacked sizes.
+  if (await run("build", process.execPath, [join(root, "scripts", "build_npm.mjs")])) {
+    await run("package", process.execPath, [join(root, "scripts", "check_package.mjs")]);
+  }
 }
 if (wanted("deno")) await run("deno", bin("deno"), ["test", "-A", ...testFiles], parseDeno);
 if (wanted("bun")) {
   const files = testFiles.map((f) => `./${f}`);
   await run("bun", bin("bun"), ["test", "--timeout", "120000", ...files], parseBun);
+}
+if (wanted("ws") && !values.faults) {
+  const ws = { CONVEYOR_TEST_TRANSPORT: "ws" };
+  await run("deno-ws", bin("deno"), ["test", "-A", ...WS_FILES], parseDeno, ws);
+  const files = WS_FILES.map((f) => `./${f}`);
+  await run("bun-ws", bin("bun"), ["test", "--timeout", "120000", ...files], parseBun, ws);
 }
 if (wanted("node")) {
   await run(
@@ -305,10 +331,15 @@ if (wanted("node")) {
     ],
     parseNode,
   );
-  // The package as a user installs it: its dependencies' engines, and its
-  // declarations under TypeScript 5 and 7 (scripts/check_package.mjs).
+  // The end-to-end scenarios again, against the packed tarball installed
+  // into a project of its own rather than the build directory.
   if (!values.faults) {
-    await run("package", process.execPath, [join(root, "scripts", "check_package.mjs")]);
+    await run(
+      "installed",
+      process.execPath,
+      [join(root, "scripts", "test_installed.mjs")],
+      parseNode,
+    );
   }
 }
 
