@@ -40,6 +40,8 @@ import { type Running, RUNTIME, type Variant, variantByName } from "./variants.t
 export interface Bench {
   /** The nats-server's URL. */
   url: string;
+  /** Its WebSocket listener's URL (`ws://`), for the cold start over WebSocket. */
+  wsUrl?: string;
   /** The harness's own connection (publishes events, watches results). */
   nc: NatsConnection;
   /** Its JetStream manager. */
@@ -956,6 +958,8 @@ export interface ColdStartOptions {
 export interface ColdStartCase {
   /** The runtime. */
   runtime: RuntimeName;
+  /** How the driver reached NATS: `tcp` (nats://) or `ws` (ws://, as on an edge runtime). */
+  transport: "tcp" | "ws";
   /** Its version (`--version`), when it ran. */
   version: string | null;
   /** The command line, when it ran. */
@@ -979,14 +983,25 @@ export interface ColdStartFigure {
 async function coldStartOn(
   b: Bench,
   runtime: RuntimeName,
+  transport: "tcp" | "ws",
   reps: number,
   watch: ResultWatch,
 ): Promise<ColdStartCase> {
-  const command = programCommand(runtime, false);
+  let command = programCommand(runtime, false);
+  const url = transport === "ws" ? b.wsUrl : b.url;
+  if (typeof command !== "string" && url === undefined) command = "no WebSocket listener";
+  if (
+    typeof command !== "string" && transport === "ws" && runtime === "node" &&
+    Number(command.version.split(".")[0]) < 22
+  ) {
+    command = `Node ${command.version} has no global WebSocket`;
+  }
+  const label = `${runtime}${transport === "ws" ? " over WebSocket" : ""}`;
   if (typeof command === "string") {
-    b.progress(`cold start ${runtime}: skipped (${command})`);
+    b.progress(`cold start ${label}: skipped (${command})`);
     return {
       runtime,
+      transport,
       version: null,
       command: null,
       runs_ms: [],
@@ -994,8 +1009,8 @@ async function coldStartOn(
       skipped: command,
     };
   }
-  const name = `bench-cold-${runtime}`;
-  const vars = { NATS_URL: b.url, DRIVER_NAME: name, CONCURRENCY: "16" } satisfies ProgramEnv;
+  const name = `bench-cold-${runtime}-${transport}`;
+  const vars = { NATS_URL: url!, DRIVER_NAME: name, CONCURRENCY: "16" } satisfies ProgramEnv;
   const start = () => spawnChild(command.cmd, command.args, vars, paths().repo);
   const runs: number[] = [];
   try {
@@ -1004,7 +1019,7 @@ async function coldStartOn(
     // and fills the caches (Deno's transpiled modules, the OS's files).
     const first = start();
     try {
-      await first.waitFor(/^ready \d+$/m, 60_000, `cold start ${runtime}: ready`);
+      await first.waitFor(/^ready \d+$/m, 60_000, `cold start ${label}: ready`);
       const [runId] = await publishEvents(b.nc, 1, `${name}-warm`);
       await watch.arrival(runId, b.timeout);
     } finally {
@@ -1017,10 +1032,10 @@ async function coldStartOn(
       try {
         const at = await watch.arrival(runId, b.timeout);
         runs.push(round(at - t0, 1));
-        b.progress(`cold start ${runtime} #${r}: ${(at - t0).toFixed(0)} ms`);
+        b.progress(`cold start ${label} #${r}: ${(at - t0).toFixed(0)} ms`);
       } finally {
         const code = await child.stop();
-        if (code !== 0) b.progress(`cold start ${runtime}: the program exited with ${code}`);
+        if (code !== 0) b.progress(`cold start ${label}: the program exited with ${code}`);
       }
     }
   } finally {
@@ -1028,6 +1043,7 @@ async function coldStartOn(
   }
   return {
     runtime,
+    transport,
     version: command.version,
     command: [command.cmd, ...command.args].join(" "),
     runs_ms: runs,
@@ -1035,14 +1051,19 @@ async function coldStartOn(
   };
 }
 
-/** Milliseconds from spawning a driver process to its first result, per runtime. */
+/**
+ * Milliseconds from spawning a driver process to its first result, per
+ * runtime, over TCP and then over WebSocket.
+ */
 export async function coldStart(b: Bench, o: ColdStartOptions): Promise<ColdStartFigure> {
   await purgeStreams(b.jsm);
   const watch = new ResultWatch(b.nc, true);
   await watch.ready();
   const cases: ColdStartCase[] = [];
   try {
-    for (const rt of o.runtimes) cases.push(await coldStartOn(b, rt, o.reps, watch));
+    for (const transport of ["tcp", "ws"] as const) {
+      for (const rt of o.runtimes) cases.push(await coldStartOn(b, rt, transport, o.reps, watch));
+    }
   } finally {
     watch.stop();
   }

@@ -11,6 +11,7 @@ import { createConveyorStreams, type NatsServer, startNatsServer } from "../test
 import {
   type Bench,
   coldStart,
+  type ColdStartCase,
   type ColdStartFigure,
   latency,
   type LatencyFigure,
@@ -220,7 +221,7 @@ export async function runSuite(config: SuiteConfig, hooks: SuiteHooks = {}): Pro
   const t0 = performance.now();
   const loadStart = loadAverage();
   const source = sourceInfo();
-  const server = await startNatsServer();
+  const server = await startNatsServer({ websocket: true });
   hooks.started?.(server);
   try {
     await createConveyorStreams(server.url);
@@ -229,6 +230,7 @@ export async function runSuite(config: SuiteConfig, hooks: SuiteHooks = {}): Pro
     try {
       const b: Bench = {
         url: server.url,
+        wsUrl: server.wsUrl,
         nc,
         jsm: await jetstreamManager(nc),
         timeout: config.timeout,
@@ -405,7 +407,7 @@ export function checkTargets(report: Pick<SuiteReport, "figures">): TargetCheck[
     const targeted = c.runtime !== "node";
     out.push({
       figure: "cold_start",
-      case: `${c.runtime}, ms`,
+      case: `${coldCase(c)}, ms`,
       value: c.median_ms,
       target: targeted ? `< ${TARGETS.coldStartMs} ms` : "none set",
       met: targeted && c.median_ms !== null ? c.median_ms < TARGETS.coldStartMs : null,
@@ -415,6 +417,11 @@ export function checkTargets(report: Pick<SuiteReport, "figures">): TargetCheck[
 }
 
 // ---------------------------------------------------------------- output
+
+/** "deno", or "deno over WebSocket". */
+function coldCase(c: ColdStartCase): string {
+  return `${c.runtime}${c.transport === "ws" ? " over WebSocket" : ""}`;
+}
 
 const n0 = (x: number) => Math.round(x).toLocaleString("en-US");
 const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
@@ -492,13 +499,14 @@ export function formatTable(report: SuiteReport): string {
     ]);
   }
   for (const c of f.cold_start?.cases ?? []) {
+    const cs = coldCase(c);
     rows.push([
       "cold start",
-      c.runtime,
+      cs,
       c.median_ms === null ? `skipped: ${c.skipped}` : `${c.median_ms.toFixed(0)} ms`,
       c.version ?? "-",
       "-",
-      ...met("cold_start", `${c.runtime}, ms`),
+      ...met("cold_start", `${cs}, ms`),
     ]);
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
@@ -590,11 +598,16 @@ export function validateReport(value: unknown): string[] {
     }
   }
   if (wanted.includes("cold_start")) {
-    need(f.cold_start?.cases.length === r.config?.coldStartRuntimes.length, "cold_start.cases");
+    // One case per runtime and transport (TCP, then WebSocket).
+    need(
+      f.cold_start?.cases.length === 2 * (r.config?.coldStartRuntimes.length ?? 0) &&
+        f.cold_start.cases.every((c) => c.transport === "tcp" || c.transport === "ws"),
+      "cold_start.cases",
+    );
     for (const c of f.cold_start?.cases ?? []) {
       if (c.skipped) continue;
-      nums(`cold_start ${c.runtime}`, c.median_ms, ...c.runs_ms);
-      need(c.runs_ms.length >= 1, `cold_start ${c.runtime} runs`);
+      nums(`cold_start ${coldCase(c)}`, c.median_ms, ...c.runs_ms);
+      need(c.runs_ms.length >= 1, `cold_start ${coldCase(c)} runs`);
     }
   }
   need(Array.isArray(r.targets) && r.targets.length > 0, "targets");
