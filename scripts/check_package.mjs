@@ -209,6 +209,23 @@ function checkTypes(dir) {
     ["tsconfig.json", { compilerOptions: minimal, files: ["main.ts"] }],
     // The main entry point alone: it must bring in what its declarations need.
     ["tsconfig.mod.json", { compilerOptions: minimal, files: ["only_mod.ts"] }],
+    // The client entry in a Web project, as an edge bundler sees it: the DOM
+    // library, no Node types at all.
+    [
+      "tsconfig.client.json",
+      {
+        compilerOptions: {
+          module: "esnext",
+          moduleResolution: "bundler",
+          target: "es2022",
+          lib: ["es2022", "dom", "dom.iterable"],
+          types: [],
+          strict: true,
+          noEmit: true,
+        },
+        files: ["only_client.ts"],
+      },
+    ],
     // A Node project with @types/node, whose declarations of the disposable
     // symbols must agree with the package's.
     [
@@ -272,6 +289,24 @@ export const stopLater = (r: RunningDriver): Promise<void> => r.stop();
     `import { type Driver, startDriver } from "@conveyor/driver";
 const d: Driver = { name: "d", resources: ["app"], reconcile() {} };
 export const stop = async (): Promise<void> => await (await startDriver(d)).stop();
+`,
+  );
+  writeFileSync(
+    join(dir, "only_client.ts"),
+    `import { Client, ConveyorApiError, createIdentity } from "@conveyor/driver/client";
+export async function handle(request: Request, pem: { cert: string; key: string }): Promise<Response> {
+  const api = new Client({ baseUrl: "https://conveyor.example", auth: await createIdentity(pem) });
+  try {
+    const { runid } = await api.createResource({ name: "web", resource: "app", spec: {} });
+    for await (const line of api.streamPipelineLogs({ runId: runid, signal: request.signal })) {
+      console.log(line.message);
+    }
+    return Response.json({ runid });
+  } catch (err) {
+    if (err instanceof ConveyorApiError) return new Response(err.message, { status: 502 });
+    throw err;
+  }
+}
 `,
   );
   writeFileSync(

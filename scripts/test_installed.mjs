@@ -5,8 +5,8 @@
 // 1. `npm pack` of npm/, installed with its dependencies into a temporary
 //    project (and the test helpers' own dependencies, ajv, at the versions
 //    package.json names);
-// 2. the compiled end-to-end tests (E2E below), their helper test_util.js and
-//    the programs they spawn (testdata/) copied into it, with every import of
+// 2. the compiled end-to-end tests (E2E below), their helper test_util.js, the
+//    programs they spawn (testdata/) and the SDD's schemas copied into it, with every import of
 //    the package's modules ("./mod.js", "./testing.js", "../mod.js") rewritten
 //    to "@conveyor/driver" and "@conveyor/driver/testing";
 // 3. `node --test` there. Before it runs, the script checks that
@@ -15,6 +15,7 @@
 //   node scripts/test_installed.mjs [--keep]   (--keep leaves the project, and prints where)
 import { spawnSync } from "node:child_process";
 import {
+  cpSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -67,7 +68,9 @@ function rewrite(text, file, depth) {
     if (!spec.startsWith(".")) return all;
     const target = spec.startsWith(up) ? spec.slice(up.length) : undefined;
     if (target && PACKAGE[target]) return `${head}"${PACKAGE[target]}"`;
-    if (target && (HELPERS.includes(target) || depth > 0)) return all;
+    // A helper beside the tests, or a sibling program in testdata/ (copied too).
+    if (depth === 0 && target && HELPERS.includes(target)) return all;
+    if (depth > 0 && spec.startsWith("./")) return all;
     fail(`${file} imports ${spec}, which is neither the package nor a helper`);
   });
 }
@@ -102,6 +105,8 @@ try {
   for (const f of readdirSync(join(npmDir, "testdata")).filter((f) => f.endsWith(".js"))) {
     copy(join(npmDir, "testdata", f), `testdata/${f}`, 1);
   }
+  // The SDD's JSON schemas, which test_util.js validates results against.
+  cpSync(join(root, "schemas"), join(dir, "schemas"), { recursive: true });
   // What the helpers import beyond the package's dependencies (ajv): our
   // devDependencies' ranges.
   const extra = [...needs].filter((n) => !built.dependencies?.[n]).map((n) => {
