@@ -9,10 +9,15 @@
  * connection over one transport is refused, with a reason, while one over
  * the other is open.
  *
+ * WebSocket writes made in one tick go out as one frame: nats.js sends its
+ * CONNECT and PING as two, and Deno's WebSocket leaves Nagle's algorithm on,
+ * so the second waited for the server's delayed ACK (some 40 ms, at every
+ * connect; see {@link coalescingSocket}).
+ *
  * @module
  */
 import { connect, type NatsConnection, type NodeConnectionOptions } from "@nats-io/transport-node";
-import { wsconnect } from "@nats-io/nats-core";
+import { wsconnect, type WsSocketFactory } from "@nats-io/nats-core";
 import { ConfigError } from "./errors.ts";
 
 /** How a connection reaches NATS. */
@@ -69,11 +74,66 @@ export async function openNats(
   open[kind]++;
   let nc: NatsConnection;
   try {
-    nc = kind === "ws" ? await wsconnect(options) : await connect(options);
+    nc = kind === "ws"
+      ? await wsconnect({ wsFactory: coalescingSocket, ...options })
+      : await connect(options);
   } catch (err) {
     open[kind]--;
     throw err;
   }
   void nc.closed().then(() => open[kind]--);
   return nc;
+}
+
+/**
+ * A WebSocket whose `send` calls within one tick are joined into one frame,
+ * written at the end of the tick (and before a `close`). Measured on Deno
+ * 2.9 against a local nats-server: CONNECT and PING as two frames took
+ * 45 ms to the PONG, as one 0.5 ms; `startDriver` over ws:// went from 63 to
+ * 21 ms.
+ */
+export const coalescingSocket: WsSocketFactory = (url) =>
+  Promise.resolve({ socket: coalesce(new WebSocket(url)), encrypted: /^wss:/i.test(url) });
+
+/** The part of a WebSocket {@link coalesce} touches. */
+export type SocketLike = Pick<WebSocket, "send" | "close" | "readyState">;
+
+/** Makes `socket`'s binary sends of one tick leave as one, in order (see {@link coalescingSocket}). */
+export function coalesce<S extends SocketLike>(socket: S): S {
+  const send = socket.send.bind(socket);
+  const close = socket.close.bind(socket);
+  let pending: Uint8Array<ArrayBuffer>[] = [];
+  const flush = () => {
+    if (pending.length === 0) return;
+    const frames = pending;
+    pending = [];
+    // 1 is OPEN; a socket closed meanwhile drops them, as its own send would.
+    if (socket.readyState !== 1) return;
+    if (frames.length === 1) return send(frames[0]);
+    const joined = new Uint8Array(frames.reduce((n, f) => n + f.byteLength, 0));
+    let at = 0;
+    for (const f of frames) {
+      joined.set(f, at);
+      at += f.byteLength;
+    }
+    send(joined);
+  };
+  socket.send = (data) => {
+    // nats.js sends ArrayBuffers; copied, since the frame leaves after this returns.
+    const bytes = data instanceof ArrayBuffer
+      ? new Uint8Array(data.slice(0))
+      : ArrayBuffer.isView(data)
+      ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength).slice()
+      : undefined;
+    if (!bytes) {
+      flush();
+      return send(data);
+    }
+    if (pending.push(bytes) === 1) queueMicrotask(flush);
+  };
+  socket.close = (code, reason) => {
+    flush();
+    close(code, reason);
+  };
+  return socket;
 }
