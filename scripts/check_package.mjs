@@ -172,11 +172,16 @@ if (enginesOnly) {
 } else if (!existsSync(join(npmDir, "package.json"))) {
   problems.push("npm/ is not built: run node scripts/build_npm.mjs first");
 } else {
-  const consumer = mkdtempSync(join(tmpdir(), "conveyor-dts-"));
+  inTempDir("conveyor-dts-", checkTypes);
+}
+
+/** Runs `fn` with a new temporary directory, removed afterwards. */
+function inTempDir(prefix, fn) {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
   try {
-    checkTypes(consumer);
+    fn(dir);
   } finally {
-    rmSync(consumer, { recursive: true, force: true });
+    rmSync(dir, { recursive: true, force: true });
   }
 }
 
@@ -390,12 +395,7 @@ function unreachable(output) {
 // and the same engines check runs on that. Skipped, saying so, when the
 // registry cannot be reached.
 if (!enginesOnly && existsSync(join(npmDir, "package.json"))) {
-  const dir = mkdtempSync(join(tmpdir(), "conveyor-fresh-"));
-  try {
-    checkFreshInstall(dir);
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  inTempDir("conveyor-fresh-", checkFreshInstall);
 }
 
 function checkFreshInstall(dir) {
